@@ -1,0 +1,176 @@
+"""Typed clients for the stagetune services.
+
+Workers and the CLI talk to the server only through these classes: every call has a
+deadline, UNAVAILABLE is retried a bounded number of times with backoff (all calls here are
+safe to repeat: creation and completion are idempotent on the server), and any other gRPC
+failure is raised as the domain error of ``stagetune.errors`` that the server raised, so
+callers never handle ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import grpc
+
+from stagetune.errors import DeadlineExceeded, StagetuneError, Unavailable, error_from_status
+from stagetune.spec import StudySpec, spec_to_proto
+from stagetune.v1 import study_service_pb2 as ss
+from stagetune.v1 import study_service_pb2_grpc as ss_grpc
+from stagetune.v1 import types_pb2 as pb
+from stagetune.v1 import worker_service_pb2 as ws
+from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
+
+__all__ = ["StudyClient", "WorkerClient", "ProgressDecision", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "localhost:50051"
+_T = TypeVar("_T")
+
+FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
+_FAILURE_KINDS = {
+    "crash": pb.FAILURE_KIND_CRASH,
+    "out_of_memory": pb.FAILURE_KIND_OUT_OF_MEMORY,
+    "interrupted": pb.FAILURE_KIND_INTERRUPTED,
+}
+
+
+@dataclass(frozen=True)
+class ProgressDecision:
+    """The server's answer to a rung report."""
+
+    stop: bool
+    reason: str = ""
+
+
+class _Client:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._channel = channel or grpc.insecure_channel(address)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., _T], request: Any) -> _T:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+                details = (e.details() if hasattr(e, "details") else "") or str(code)
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+                    continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise Unavailable(f"{self.address}: {details}") from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(
+                        f"{self.address}: no answer in {self.timeout}s"
+                    ) from None
+                raise error_from_status(code, details) from None
+        raise StagetuneError("unreachable")  # pragma: no cover
+
+
+class StudyClient(_Client):
+    """What a training team uses: create, inspect and stop studies; read the Pareto front."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._stub = ss_grpc.StudyServiceStub(self._channel)
+
+    def create_study(self, spec: StudySpec | pb.StudySpec) -> tuple[pb.Study, bool]:
+        """Create a study; returns it and whether it was new (False: an equal one existed)."""
+        msg = spec if isinstance(spec, pb.StudySpec) else spec_to_proto(spec)
+        reply = self._call(self._stub.CreateStudy, ss.CreateStudyRequest(spec=msg))
+        return reply.study, reply.created
+
+    def get_study(self, name: str) -> pb.Study:
+        return self._call(self._stub.GetStudy, ss.GetStudyRequest(study_name=name))
+
+    def list_studies(self) -> list[pb.Study]:
+        return list(self._call(self._stub.ListStudies, ss.ListStudiesRequest()).studies)
+
+    def stop_study(self, name: str) -> pb.Study:
+        return self._call(self._stub.StopStudy, ss.StopStudyRequest(study_name=name))
+
+    def list_trials(self, name: str, states: Iterable[int] = ()) -> list[pb.Trial]:
+        request = ss.ListTrialsRequest(study_name=name, states=list(states))
+        return list(self._call(self._stub.ListTrials, request).trials)
+
+    def pareto_front(self, name: str) -> ss.GetParetoFrontResponse:
+        return self._call(self._stub.GetParetoFront, ss.GetParetoFrontRequest(study_name=name))
+
+
+class WorkerClient(_Client):
+    """What a worker (and rank 0 of a trial) uses: acquire, report, complete, fail."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._stub = ws_grpc.WorkerServiceStub(self._channel)
+
+    def acquire(
+        self,
+        worker_id: str,
+        *,
+        study_name: str = "",
+        hostname: str = "",
+        gpus: int = 0,
+        processes: int = 1,
+    ) -> ws.Assignment | ws.NoTrial:
+        """A trial to run, or a ``NoTrial`` that says when to ask again."""
+        request = ws.AcquireTrialRequest(
+            worker_id=worker_id,
+            study_name=study_name,
+            capabilities=ws.WorkerCapabilities(hostname=hostname, gpus=gpus, processes=processes),
+        )
+        reply = self._call(self._stub.AcquireTrial, request)
+        return reply.assignment if reply.WhichOneof("result") == "assignment" else reply.no_trial
+
+    def report_progress(
+        self, trial_id: int, worker_id: str, step: int, metrics: dict[str, float]
+    ) -> ProgressDecision:
+        request = ws.ReportProgressRequest(
+            trial_id=trial_id, worker_id=worker_id, step=step, metrics=metrics
+        )
+        reply = self._call(self._stub.ReportProgress, request)
+        return ProgressDecision(reply.decision == pb.DECISION_STOP, reply.reason)
+
+    def heartbeat(self, trial_id: int, worker_id: str) -> bool:
+        """Renew the lease; returns True when the trial should stop."""
+        request = ws.HeartbeatRequest(trial_id=trial_id, worker_id=worker_id)
+        return self._call(self._stub.Heartbeat, request).should_stop
+
+    def complete(self, trial_id: int, worker_id: str, metrics: dict[str, float]) -> pb.Trial:
+        request = ws.CompleteTrialRequest(trial_id=trial_id, worker_id=worker_id, metrics=metrics)
+        return self._call(self._stub.CompleteTrial, request).trial
+
+    def fail(
+        self, trial_id: int, worker_id: str, kind: FailureKindName, reason: str
+    ) -> tuple[pb.Trial, bool]:
+        """Give the trial up; returns it and whether its params were queued again."""
+        request = ws.FailTrialRequest(
+            trial_id=trial_id, worker_id=worker_id, kind=_FAILURE_KINDS[kind], reason=reason[-4000:]
+        )
+        reply = self._call(self._stub.FailTrial, request)
+        return reply.trial, reply.requeued

@@ -1,0 +1,611 @@
+"""Study specs: typed domain objects, parsed once from YAML and validated at the edge.
+
+A ``StudySpec`` is what a team submits. ``load_spec_file`` reads YAML with a safe loader,
+``spec_from_mapping`` builds the typed spec, and ``validate_spec`` checks it, raising
+``InvalidArgument`` that names the offending field (``search_space.learning_rate.low: must
+be > 0 when log is set``). The server validates again after converting from the wire, so a
+spec that did not come through the CLI gets the same checks. ``spec_to_proto`` and
+``spec_from_proto`` convert to and from ``stagetune.v1.StudySpec``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from google.protobuf import json_format
+from objectives.catalog import METRICS
+
+from stagetune.errors import InvalidArgument
+from stagetune.stages import RUNNER_KEYS, STAGES
+from stagetune.v1 import types_pb2 as pb
+
+ParamValue = float | int | str | bool
+Direction = Literal["minimize", "maximize"]
+SamplerName = Literal["tpe", "nsga2", "random"]
+
+__all__ = [
+    "ParamValue",
+    "FloatParam",
+    "IntParam",
+    "CategoricalParam",
+    "ParamSpec",
+    "ObjectiveSpec",
+    "FidelitySpec",
+    "SamplerConfig",
+    "BudgetSpec",
+    "StudySpec",
+    "MAX_SPEC_BYTES",
+    "load_spec_file",
+    "spec_from_mapping",
+    "validate_spec",
+    "spec_to_proto",
+    "spec_from_proto",
+    "value_to_proto",
+    "value_from_proto",
+]
+
+MAX_SPEC_BYTES = 1 << 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAMPLERS: tuple[SamplerName, ...] = ("tpe", "nsga2", "random")
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    name: str
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class IntParam:
+    name: str
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class CategoricalParam:
+    name: str
+    choices: tuple[ParamValue, ...]
+
+
+ParamSpec = FloatParam | IntParam | CategoricalParam
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    metric: str
+    direction: Direction
+    reference: float | None = None
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    min_steps: int
+    max_steps: int
+    reduction_factor: float = 3.0
+
+    def rungs(self) -> list[int]:
+        """Rung budgets: min_steps · η^i below max_steps, then max_steps itself."""
+        rungs: list[int] = []
+        budget = float(self.min_steps)
+        while round(budget) < self.max_steps:
+            step = int(round(budget))
+            if not rungs or step > rungs[-1]:
+                rungs.append(step)
+            budget *= self.reduction_factor
+        rungs.append(self.max_steps)
+        return rungs
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: SamplerName = "tpe"
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    max_trials: int
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    stage: str
+    search_space: tuple[ParamSpec, ...]
+    objectives: tuple[ObjectiveSpec, ...]
+    fidelity: FidelitySpec
+    budget: BudgetSpec
+    sampler: SamplerConfig = SamplerConfig()
+    runner: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.search_space:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def canonical_json(self) -> str:
+        """A stable text form: equal specs give equal text (used for idempotent create)."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- YAML → spec
+
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read a study config file (YAML), then build and validate the spec."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise InvalidArgument(str(path), f"cannot read: {e.strerror}") from None
+    if size > MAX_SPEC_BYTES:
+        raise InvalidArgument(str(path), f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InvalidArgument(str(path), f"not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(str(path), "must be a mapping of study fields")
+    spec = spec_from_mapping(data)
+    validate_spec(spec)
+    return spec
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(where, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise InvalidArgument(
+                f"{prefix}{key}", f"unknown field; expected one of {sorted(allowed)}"
+            )
+
+
+def _number(value: Any, where: str, kind: type[int] | type[float] = float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(where, f"must be a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise InvalidArgument(where, f"must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _param_from_mapping(name: str, data: Mapping[str, Any]) -> ParamSpec:
+    where = f"search_space.{name}"
+    kind = data.get("type")
+    if kind == "float":
+        _known(data, {"type", "low", "high", "log", "step"}, where)
+        step = data.get("step")
+        return FloatParam(
+            name,
+            _number(data.get("low"), f"{where}.low"),
+            _number(data.get("high"), f"{where}.high"),
+            bool(data.get("log", False)),
+            None if step is None else _number(step, f"{where}.step"),
+        )
+    if kind == "int":
+        _known(data, {"type", "low", "high", "log", "step"}, where)
+        return IntParam(
+            name,
+            _number(data.get("low"), f"{where}.low", int),
+            _number(data.get("high"), f"{where}.high", int),
+            bool(data.get("log", False)),
+            _number(data.get("step", 1), f"{where}.step", int),
+        )
+    if kind == "categorical":
+        _known(data, {"type", "choices"}, where)
+        choices = data.get("choices")
+        if not isinstance(choices, Sequence) or isinstance(choices, str):
+            raise InvalidArgument(f"{where}.choices", "must be a list")
+        for i, c in enumerate(choices):
+            if not isinstance(c, (bool, int, float, str)):
+                raise InvalidArgument(f"{where}.choices[{i}]", "must be a number, string or bool")
+        return CategoricalParam(name, tuple(choices))
+    raise InvalidArgument(f"{where}.type", f"must be float, int or categorical, got {kind!r}")
+
+
+def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
+    """Build a typed spec from parsed YAML. Fills defaults; ``validate_spec`` checks ranges."""
+    _known(
+        data,
+        {"name", "stage", "search_space", "objectives", "fidelity", "budget", "sampler", "runner"},
+        "",
+    )
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise InvalidArgument("name", "is required and must be a string")
+    stage = data.get("stage")
+    if not isinstance(stage, str):
+        raise InvalidArgument("stage", f"is required; one of {sorted(STAGES)}")
+    stage_def = STAGES.get(stage)
+
+    space_data = data.get("search_space")
+    if space_data is None and stage_def is not None:
+        space_data = stage_def.default_search_space
+    space = [
+        _param_from_mapping(str(k), _mapping(v, f"search_space.{k}"))
+        for k, v in _mapping(space_data, "search_space").items()
+    ]
+
+    obj_data = data.get("objectives")
+    if obj_data is None:
+        obj_data = list(stage_def.default_objectives) if stage_def else []
+    if not isinstance(obj_data, Sequence) or isinstance(obj_data, str):
+        raise InvalidArgument("objectives", "must be a list")
+    objectives = []
+    for i, item in enumerate(obj_data):
+        where = f"objectives[{i}]"
+        entry = {"metric": item} if isinstance(item, str) else dict(_mapping(item, where))
+        _known(entry, {"metric", "direction", "reference"}, where)
+        metric = entry.get("metric")
+        if not isinstance(metric, str) or metric not in METRICS:
+            raise InvalidArgument(
+                f"{where}.metric", f"unknown metric {metric!r}; one of {sorted(METRICS)}"
+            )
+        direction = entry.get("direction", METRICS[metric].direction)
+        if direction not in ("minimize", "maximize"):
+            raise InvalidArgument(f"{where}.direction", "must be minimize or maximize")
+        ref = entry.get("reference")
+        objectives.append(
+            ObjectiveSpec(
+                metric, direction, None if ref is None else _number(ref, f"{where}.reference")
+            )
+        )
+
+    fid = _mapping(data.get("fidelity"), "fidelity")
+    _known(fid, {"min_steps", "max_steps", "reduction_factor"}, "fidelity")
+    if "max_steps" not in fid:
+        raise InvalidArgument("fidelity.max_steps", "is required")
+    max_steps = _number(fid["max_steps"], "fidelity.max_steps", int)
+    fidelity = FidelitySpec(
+        _number(fid.get("min_steps", max_steps), "fidelity.min_steps", int),
+        max_steps,
+        _number(fid.get("reduction_factor", 3.0), "fidelity.reduction_factor"),
+    )
+
+    bud = _mapping(data.get("budget"), "budget")
+    _known(bud, {"max_trials", "max_retries"}, "budget")
+    if "max_trials" not in bud:
+        raise InvalidArgument("budget.max_trials", "is required")
+    budget = BudgetSpec(
+        _number(bud["max_trials"], "budget.max_trials", int),
+        _number(bud.get("max_retries", 2), "budget.max_retries", int),
+    )
+
+    samp = _mapping(data.get("sampler"), "sampler")
+    _known(samp, {"kind", "seed"}, "sampler")
+    kind = samp.get("kind", "tpe")
+    if kind not in _SAMPLERS:
+        raise InvalidArgument("sampler.kind", f"must be one of {list(_SAMPLERS)}, got {kind!r}")
+    seed = samp.get("seed")
+    sampler = SamplerConfig(kind, None if seed is None else _number(seed, "sampler.seed", int))
+
+    runner = dict(_mapping(data.get("runner"), "runner"))
+    return StudySpec(
+        name, stage, tuple(space), tuple(objectives), fidelity, budget, sampler, runner
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise InvalidArgument(where, f"must be finite, got {value}")
+
+
+def _validate_param(p: ParamSpec, kind: str) -> None:
+    where = f"search_space.{p.name}"
+    if isinstance(p, FloatParam):
+        if kind not in ("float",):
+            raise InvalidArgument(
+                f"{where}.type", f"{p.name} takes {kind} values, not a float range"
+            )
+        _finite(p.low, f"{where}.low")
+        _finite(p.high, f"{where}.high")
+        if p.low >= p.high:
+            raise InvalidArgument(f"{where}.low", f"must be < high ({p.low} >= {p.high})")
+        if p.log and p.low <= 0:
+            raise InvalidArgument(f"{where}.low", "must be > 0 when log is set")
+        if p.step is not None:
+            _finite(p.step, f"{where}.step")
+            if p.log:
+                raise InvalidArgument(f"{where}.step", "cannot be combined with log")
+            if p.step <= 0:
+                raise InvalidArgument(f"{where}.step", "must be > 0")
+    elif isinstance(p, IntParam):
+        if kind not in ("int",):
+            raise InvalidArgument(
+                f"{where}.type", f"{p.name} takes {kind} values, not an int range"
+            )
+        if p.low >= p.high:
+            raise InvalidArgument(f"{where}.low", f"must be < high ({p.low} >= {p.high})")
+        if p.log and p.low < 1:
+            raise InvalidArgument(f"{where}.low", "must be >= 1 when log is set")
+        if p.step < 1:
+            raise InvalidArgument(f"{where}.step", "must be >= 1")
+        if p.log and p.step != 1:
+            raise InvalidArgument(f"{where}.step", "must be 1 when log is set")
+    else:
+        if not p.choices:
+            raise InvalidArgument(f"{where}.choices", "must not be empty")
+        seen: set[tuple[str, ParamValue]] = set()
+        for i, c in enumerate(p.choices):
+            key = (type(c).__name__, c)
+            if key in seen:
+                raise InvalidArgument(f"{where}.choices[{i}]", f"duplicate choice {c!r}")
+            seen.add(key)
+            if isinstance(c, float):
+                _finite(c, f"{where}.choices[{i}]")
+            ok = {
+                "float": isinstance(c, (int, float)) and not isinstance(c, bool),
+                "int": isinstance(c, int) and not isinstance(c, bool),
+                "str": isinstance(c, str),
+                "bool": isinstance(c, bool),
+            }[kind]
+            if not ok:
+                raise InvalidArgument(
+                    f"{where}.choices[{i}]", f"{p.name} takes {kind} values, got {c!r}"
+                )
+
+
+def validate_spec(spec: StudySpec) -> None:
+    """Check a spec completely; raise ``InvalidArgument`` naming the first bad field."""
+    if not _NAME.match(spec.name):
+        raise InvalidArgument(
+            "name", "must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    stage = STAGES.get(spec.stage)
+    if stage is None:
+        raise InvalidArgument("stage", f"unknown stage {spec.stage!r}; one of {sorted(STAGES)}")
+    if not spec.search_space:
+        raise InvalidArgument("search_space", "must name at least one parameter")
+    names: set[str] = set()
+    for p in spec.search_space:
+        if p.name in names:
+            raise InvalidArgument(f"search_space.{p.name}", "appears twice")
+        names.add(p.name)
+        kind = stage.params.get(p.name)
+        if kind is None:
+            raise InvalidArgument(
+                f"search_space.{p.name}",
+                f"not a parameter of stage {spec.stage}; one of {sorted(stage.params)}",
+            )
+        _validate_param(p, kind)
+    if not spec.objectives:
+        raise InvalidArgument("objectives", "must list at least one objective")
+    metrics: set[str] = set()
+    for i, o in enumerate(spec.objectives):
+        if o.metric not in METRICS:
+            raise InvalidArgument(f"objectives[{i}].metric", f"unknown metric {o.metric!r}")
+        if o.metric in metrics:
+            raise InvalidArgument(f"objectives[{i}].metric", f"{o.metric} appears twice")
+        metrics.add(o.metric)
+        if o.direction not in ("minimize", "maximize"):
+            raise InvalidArgument(f"objectives[{i}].direction", "must be minimize or maximize")
+        if o.reference is not None:
+            _finite(o.reference, f"objectives[{i}].reference")
+    f = spec.fidelity
+    if f.min_steps < 1:
+        raise InvalidArgument("fidelity.min_steps", "must be >= 1")
+    if f.max_steps < f.min_steps:
+        raise InvalidArgument("fidelity.max_steps", f"must be >= min_steps ({f.min_steps})")
+    if f.max_steps > 10_000_000:
+        raise InvalidArgument("fidelity.max_steps", "must be <= 10000000")
+    _finite(f.reduction_factor, "fidelity.reduction_factor")
+    if f.reduction_factor <= 1:
+        raise InvalidArgument("fidelity.reduction_factor", "must be > 1")
+    if not 1 <= spec.budget.max_trials <= 100_000:
+        raise InvalidArgument("budget.max_trials", "must be between 1 and 100000")
+    if not 0 <= spec.budget.max_retries <= 10:
+        raise InvalidArgument("budget.max_retries", "must be between 0 and 10")
+    if spec.sampler.kind not in _SAMPLERS:
+        raise InvalidArgument("sampler.kind", f"must be one of {list(_SAMPLERS)}")
+    _validate_runner(spec)
+
+
+def _validate_runner(spec: StudySpec) -> None:
+    stage = STAGES[spec.stage]
+    runner = spec.runner
+    _known(runner, set(RUNNER_KEYS), "runner")
+    model = _mapping(runner.get("model"), "runner.model")
+    if ("name_or_path" in model) == ("tiny" in model):
+        raise InvalidArgument("runner.model", "needs exactly one of name_or_path or tiny")
+    _known(model, {"name_or_path", "tiny"}, "runner.model")
+    if "tiny" in model:
+        tiny = _mapping(model["tiny"], "runner.model.tiny")
+        _known(
+            tiny,
+            {"hidden_size", "num_layers", "num_heads", "intermediate_size"},
+            "runner.model.tiny",
+        )
+        for key, value in tiny.items():
+            if _number(value, f"runner.model.tiny.{key}", int) < 1:
+                raise InvalidArgument(f"runner.model.tiny.{key}", "must be >= 1")
+    elif not isinstance(model["name_or_path"], str) or not model["name_or_path"]:
+        raise InvalidArgument("runner.model.name_or_path", "must be a non-empty string")
+    data = _mapping(runner.get("data"), "runner.data")
+    if ("synthetic" in data) == ("path" in data):
+        raise InvalidArgument("runner.data", "needs exactly one of synthetic or path")
+    _known(
+        data,
+        {"synthetic", "path", "prompt_columns", "completion_column", "train_size", "eval_size"},
+        "runner.data",
+    )
+    if "synthetic" in data and data["synthetic"] != "arithmetic":
+        raise InvalidArgument("runner.data.synthetic", "the synthetic task is 'arithmetic'")
+    for key in ("train_size", "eval_size"):
+        if key in data and _number(data[key], f"runner.data.{key}", int) < 1:
+            raise InvalidArgument(f"runner.data.{key}", "must be >= 1")
+    training = _mapping(runner.get("training"), "runner.training")
+    _known(training, set(stage.training_keys), "runner.training")
+    if "processes" in runner and _number(runner["processes"], "runner.processes", int) < 1:
+        raise InvalidArgument("runner.processes", "must be >= 1")
+
+
+# ---------------------------------------------------------------- wire conversion
+
+_STAGE_TO_PB = {
+    "pretrain_proxy": pb.STAGE_PRETRAIN_PROXY,
+    "sft": pb.STAGE_SFT,
+    "lora": pb.STAGE_LORA,
+    "dpo": pb.STAGE_DPO,
+    "grpo": pb.STAGE_GRPO,
+}
+_STAGE_FROM_PB = {v: k for k, v in _STAGE_TO_PB.items()}
+_DIR_TO_PB = {"minimize": pb.DIRECTION_MINIMIZE, "maximize": pb.DIRECTION_MAXIMIZE}
+_DIR_FROM_PB: dict[int, Direction] = {v: k for k, v in _DIR_TO_PB.items()}  # type: ignore[misc]
+_SAMPLER_TO_PB = {
+    "tpe": pb.SAMPLER_KIND_TPE,
+    "nsga2": pb.SAMPLER_KIND_NSGA2,
+    "random": pb.SAMPLER_KIND_RANDOM,
+}
+_SAMPLER_FROM_PB: dict[int, SamplerName] = {v: k for k, v in _SAMPLER_TO_PB.items()}  # type: ignore[misc]
+
+
+def value_to_proto(value: ParamValue) -> pb.ParameterValue:
+    if isinstance(value, bool):
+        return pb.ParameterValue(bool_value=value)
+    if isinstance(value, int):
+        return pb.ParameterValue(int_value=value)
+    if isinstance(value, float):
+        return pb.ParameterValue(float_value=value)
+    return pb.ParameterValue(string_value=str(value))
+
+
+def value_from_proto(value: pb.ParameterValue, where: str = "value") -> ParamValue:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(where, "no value set")
+    result: ParamValue = getattr(value, kind)
+    return result
+
+
+def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
+    msg = pb.StudySpec(
+        name=spec.name,
+        stage=_STAGE_TO_PB.get(spec.stage, pb.STAGE_UNSPECIFIED),
+        fidelity=pb.Fidelity(
+            min_steps=spec.fidelity.min_steps,
+            max_steps=spec.fidelity.max_steps,
+            reduction_factor=spec.fidelity.reduction_factor,
+        ),
+        budget=pb.Budget(max_trials=spec.budget.max_trials, max_retries=spec.budget.max_retries),
+        sampler=pb.SamplerSpec(kind=_SAMPLER_TO_PB[spec.sampler.kind]),
+    )
+    if spec.sampler.seed is not None:
+        msg.sampler.seed = spec.sampler.seed
+    for p in spec.search_space:
+        ps = msg.search_space.add(name=p.name)
+        if isinstance(p, FloatParam):
+            ps.float_range.CopyFrom(
+                pb.FloatRange(low=p.low, high=p.high, log=p.log, step=p.step or 0.0)
+            )
+        elif isinstance(p, IntParam):
+            ps.int_range.CopyFrom(pb.IntRange(low=p.low, high=p.high, log=p.log, step=p.step))
+        else:
+            ps.categorical.CopyFrom(pb.Categorical(choices=[value_to_proto(c) for c in p.choices]))
+    for o in spec.objectives:
+        om = msg.objectives.add(metric=o.metric, direction=_DIR_TO_PB[o.direction])
+        if o.reference is not None:
+            om.reference = o.reference
+    msg.runner.update(_jsonable(spec.runner))
+    return msg
+
+
+def _jsonable(value: Any) -> Any:
+    # Struct holds JSON values only; a round trip through json makes the YAML's ints
+    # floats, which ``_restore_ints`` undoes on the way back.
+    return json.loads(json.dumps(value))
+
+
+def _restore_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _restore_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore_ints(v) for v in value]
+    return value
+
+
+def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
+    """Convert a wire spec to the domain spec. Does not validate ranges (see validate_spec)."""
+    space: list[ParamSpec] = []
+    for i, ps in enumerate(msg.search_space):
+        where = f"search_space[{i}]"
+        kind = ps.WhichOneof("domain")
+        if kind == "float_range":
+            r = ps.float_range
+            space.append(FloatParam(ps.name, r.low, r.high, r.log, r.step or None))
+        elif kind == "int_range":
+            ir = ps.int_range
+            space.append(IntParam(ps.name, ir.low, ir.high, ir.log, ir.step or 1))
+        elif kind == "categorical":
+            choices = tuple(
+                value_from_proto(c, f"{where}.categorical.choices[{j}]")
+                for j, c in enumerate(ps.categorical.choices)
+            )
+            space.append(CategoricalParam(ps.name, choices))
+        else:
+            raise InvalidArgument(f"{where}.domain", f"parameter {ps.name!r} has no domain")
+    objectives = []
+    for i, o in enumerate(msg.objectives):
+        if o.direction not in _DIR_FROM_PB:
+            raise InvalidArgument(f"objectives[{i}].direction", "must be MINIMIZE or MAXIMIZE")
+        ref = o.reference if o.HasField("reference") else None
+        objectives.append(ObjectiveSpec(o.metric, _DIR_FROM_PB[o.direction], ref))
+    if msg.stage not in _STAGE_FROM_PB:
+        raise InvalidArgument("stage", "must be set")
+    if msg.sampler.kind == pb.SAMPLER_KIND_UNSPECIFIED:
+        sampler_kind: SamplerName = "tpe"
+    elif msg.sampler.kind in _SAMPLER_FROM_PB:
+        sampler_kind = _SAMPLER_FROM_PB[msg.sampler.kind]
+    else:
+        raise InvalidArgument("sampler.kind", f"unknown sampler {msg.sampler.kind}")
+    runner = _restore_ints(json_format.MessageToDict(msg.runner)) if msg.HasField("runner") else {}
+    return StudySpec(
+        name=msg.name,
+        stage=_STAGE_FROM_PB[msg.stage],
+        search_space=tuple(space),
+        objectives=tuple(objectives),
+        fidelity=FidelitySpec(
+            msg.fidelity.min_steps, msg.fidelity.max_steps, msg.fidelity.reduction_factor
+        ),
+        budget=BudgetSpec(msg.budget.max_trials, msg.budget.max_retries),
+        sampler=SamplerConfig(
+            sampler_kind, msg.sampler.seed if msg.sampler.HasField("seed") else None
+        ),
+        runner=runner,
+    )
