@@ -1,0 +1,151 @@
+"""Build and run the stagetune server.
+
+``make_server(settings)`` builds everything (storage, policy, tracking, servicers, health,
+reflection) without serving; ``StagetuneServer.start()`` binds and serves;
+``run_server(settings)`` serves until SIGTERM/SIGINT, then drains: health goes
+NOT_SERVING, in-flight calls get ``grace`` seconds to finish, the tracker flushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.interceptor import ErrorInterceptor
+from server.policy import OptunaPolicy
+from server.service import StudyService
+from server.servicer import StudyServicer, WorkerServicer
+from server.storage import StudyStore, default_storage_url
+from server.tracking import MlflowTracker, NullTracker, Tracker
+from stagetune.v1 import study_service_pb2 as ss
+from stagetune.v1 import study_service_pb2_grpc as ss_grpc
+from stagetune.v1 import worker_service_pb2 as ws
+from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
+
+__all__ = ["ServerSettings", "StagetuneServer", "make_server", "run_server"]
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    ss.DESCRIPTOR.services_by_name["StudyService"].full_name,
+    ws.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+)
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = field(default_factory=lambda: Path("stagetune-data"))
+    storage_url: str | None = None  # default: SQLite file in data_dir
+    tracking_uri: str | None = None  # default: MLflow SQLite store in data_dir; "" = off
+    lease_seconds: float = 120.0
+    reaper_interval: float = 10.0
+    grace: float = 10.0
+    max_workers: int = 32
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or default_storage_url(self.data_dir)
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri is not None:
+            return self.tracking_uri
+        return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+
+class StagetuneServer:
+    """A built server. ``start`` binds and serves; ``stop`` drains and closes everything."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StudyStore(settings.resolved_storage_url())
+        tracking_uri = settings.resolved_tracking_uri()
+        self.tracker: Tracker = (
+            MlflowTracker(tracking_uri, artifact_root=settings.data_dir / "mlartifacts")
+            if tracking_uri
+            else NullTracker()
+        )
+        self.service = StudyService(
+            self.store, OptunaPolicy(self.store), self.tracker, lease_seconds=settings.lease_seconds
+        )
+        self.health = health.HealthServicer()
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers),
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", 4 << 20)],
+        )
+        ss_grpc.add_StudyServiceServicer_to_server(StudyServicer(self.service), self.grpc_server)
+        ws_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.service, tracking_uri), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        self.port = 0
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def start(self) -> StagetuneServer:
+        self.port = self.grpc_server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.settings.host}:{self.settings.port}")
+        self.grpc_server.start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper.start()
+        return self
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(self.settings.reaper_interval):
+            try:
+                self.service.reap_expired()
+            except Exception:
+                _log.warning("lease reaper pass failed", exc_info=True)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING first, then let in-flight calls finish within ``grace``."""
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(self.settings.grace if grace is None else grace).wait()
+        self.tracker.close()
+
+
+def make_server(settings: ServerSettings) -> StagetuneServer:
+    return StagetuneServer(settings)
+
+
+def run_server(settings: ServerSettings) -> int:
+    """Serve until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+    server = make_server(settings).start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        _log.info("received %s; draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"stagetune serving on {server.address}\n"
+        f"  storage:  {settings.resolved_storage_url()}\n"
+        f"  tracking: {settings.resolved_tracking_uri() or 'off'}",
+        flush=True,
+    )
+    stop.wait()
+    server.stop()
+    print("stagetune server stopped", flush=True)
+    return 0

@@ -1,0 +1,133 @@
+"""The policy: the only code that asks Optuna for configurations and tells it results.
+
+The server, not the worker, owns sampling: ``ask`` proposes a configuration (or pops a
+queued retry) and ``tell_*`` records an outcome. ``decide`` answers a rung report with
+continue or stop. Samplers are built from the study spec and cached per study; with a seed
+they are reproducible for a given history.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import TrialState
+from stagetune.spec import CategoricalParam, FloatParam, ParamValue, StudySpec
+
+from server import storage as st
+from server.records import TrialRecord
+from server.storage import StudyStore, storage_errors
+
+__all__ = ["OptunaPolicy", "make_sampler", "distributions_of"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The sampler a study's spec asks for.
+
+    Small budgets get fewer random start-up trials (a third of the budget, 3 to 10) so the
+    model-based part of TPE/NSGA-II has trials left to act on.
+    """
+    seed = spec.sampler.seed
+    budget = spec.budget.max_trials
+    if spec.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(4, min(50, budget // 3))
+        )
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        multivariate=True,
+        constant_liar=True,  # running trials count as bad guesses: parallel asks spread out
+        n_startup_trials=max(3, min(10, budget // 3)),
+    )
+
+
+def distributions_of(spec: StudySpec) -> dict[str, BaseDistribution]:
+    dists: dict[str, BaseDistribution] = {}
+    for p in spec.search_space:
+        if isinstance(p, FloatParam):
+            dists[p.name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif isinstance(p, CategoricalParam):
+            dists[p.name] = CategoricalDistribution(list(p.choices))
+        else:
+            dists[p.name] = IntDistribution(p.low, p.high, log=p.log, step=p.step)
+    return dists
+
+
+class OptunaPolicy:
+    """Ask/tell over the study store. Callers hold the study's lock around each call."""
+
+    def __init__(self, store: StudyStore) -> None:
+        self._store = store
+        self._studies: dict[str, optuna.Study] = {}
+        self._lock = threading.Lock()
+
+    def _study(self, spec: StudySpec) -> optuna.Study:
+        with self._lock:
+            study = self._studies.get(spec.name)
+            if study is None:
+                study = optuna.load_study(
+                    study_name=spec.name,
+                    storage=self._store.optuna_storage,
+                    sampler=make_sampler(spec),
+                )
+                self._studies[spec.name] = study
+            return study
+
+    @storage_errors
+    def ask(self, spec: StudySpec, attrs: dict[str, Any]) -> int:
+        """Start a trial: a queued retry if there is one, else a new proposal. Returns its id.
+
+        ``attrs`` (worker, lease) are written on the trial before it is returned.
+        """
+        trial = self._study(spec).ask(fixed_distributions=distributions_of(spec))
+        trial_id = trial._trial_id
+        existing = self._store.optuna_storage.get_trial(trial_id).user_attrs
+        base: dict[str, Any] = {st.STUDY: spec.name}
+        if st.ATTEMPT not in existing:
+            base[st.ATTEMPT] = 1
+        self._store.set_trial_attrs(trial_id, {**base, **attrs})
+        return trial_id
+
+    def can_ask_new(self, spec: StudySpec, budget_used: int) -> bool:
+        return budget_used < spec.budget.max_trials
+
+    @storage_errors
+    def tell_complete(self, spec: StudySpec, trial: TrialRecord, values: Sequence[float]) -> None:
+        self._study(spec).tell(trial.number, list(values))
+
+    @storage_errors
+    def tell_stopped(self, spec: StudySpec, trial: TrialRecord) -> None:
+        self._study(spec).tell(trial.number, state=TrialState.PRUNED)
+
+    @storage_errors
+    def tell_failed(self, spec: StudySpec, trial: TrialRecord) -> None:
+        self._study(spec).tell(trial.number, state=TrialState.FAIL)
+
+    @storage_errors
+    def requeue(self, spec: StudySpec, params: dict[str, ParamValue], attempt: int) -> None:
+        """Queue the same params as a new attempt; the next ``ask`` hands it out first."""
+        self._study(spec).enqueue_trial(
+            dict(params), user_attrs={st.STUDY: spec.name, st.ATTEMPT: attempt}
+        )
+
+    def decide(
+        self, spec: StudySpec, trial: TrialRecord, step: int, metrics: dict[str, float]
+    ) -> tuple[bool, str]:
+        """Continue or stop a trial after a rung report: (stop?, reason).
+
+        The rung report is already recorded. This version stops nothing on its own; a
+        stopped study stops its trials in the study service.
+        """
+        return False, ""

@@ -1,0 +1,333 @@
+"""The study service: one method per use case, per-study locks, idempotent completion.
+
+Sits between the servicer (wire) and the policy/storage/tracking layers; never sees a
+proto and never imports Optuna or MLflow. Every state change goes to the store first; the
+tracker is told afterwards and its failures never reach the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from objectives.pareto import default_reference, hypervolume, knee_point, non_dominated_ranks
+from server import storage as st
+from server.policy import OptunaPolicy
+from server.records import StudyRecord, TrialRecord, TrialStateName
+from server.storage import StudyStore
+from server.tracking import NullTracker, Tracker
+from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
+from stagetune.spec import StudySpec, validate_spec
+
+__all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
+
+_log = logging.getLogger(__name__)
+
+FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
+
+
+@dataclass(frozen=True)
+class Acquired:
+    trial: TrialRecord
+    spec: StudySpec
+    rung_steps: list[int]
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class NoWork:
+    retry_after: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class ParetoView:
+    spec: StudySpec
+    front: list[TrialRecord]
+    hypervolume: float
+    knee_trial_id: int
+
+
+def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
+    for key, value in metrics.items():
+        if not key:
+            raise InvalidArgument(where, "metric names must not be empty")
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{where}.{key}", f"must be finite, got {value}")
+
+
+class StudyService:
+    """Use cases of teams (studies) and workers (trials)."""
+
+    def __init__(
+        self,
+        store: StudyStore,
+        policy: OptunaPolicy,
+        tracker: Tracker | None = None,
+        *,
+        lease_seconds: float = 120.0,
+        retry_after: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.tracker: Tracker = tracker or NullTracker()
+        self.lease_seconds = lease_seconds
+        self.retry_after = retry_after
+        self._clock = clock
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, study_name: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks.setdefault(study_name, threading.RLock())
+
+    def _lease_until(self) -> float:
+        return self._clock() + self.lease_seconds
+
+    # ------------------------------------------------------------ studies
+
+    def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
+        validate_spec(spec)  # raises before anything is written
+        record, created = self.store.create_study(spec)
+        if created or not record.mlflow_run_id:
+            experiment_id, run_id = self.tracker.study_created(spec)
+            if run_id:
+                self.store.set_study_tracking(spec.name, experiment_id, run_id)
+                record = dataclasses.replace(
+                    record, mlflow_experiment_id=experiment_id, mlflow_run_id=run_id
+                )
+        return record, created
+
+    def get_study(self, name: str) -> StudyRecord:
+        return self.store.get_study(name)
+
+    def list_studies(self) -> list[StudyRecord]:
+        return self.store.list_studies()
+
+    def stop_study(self, name: str) -> StudyRecord:
+        with self._lock(name):
+            record = self.store.get_study(name)
+            if record.state == "running":
+                self.store.set_study_state(name, "stopped")
+            return self.store.get_study(name)
+
+    def list_trials(
+        self, name: str, states: Iterable[TrialStateName] | None = None
+    ) -> list[TrialRecord]:
+        spec = self.store.get_study(name).spec
+        trials = self.store.trials(name)
+        ranked = self._ranked(spec, trials)
+        wanted = set(states or ())
+        return [t for t in ranked if not wanted or t.state in wanted]
+
+    def _ranked(self, spec: StudySpec, trials: list[TrialRecord]) -> list[TrialRecord]:
+        complete = [t for t in trials if t.state == "complete" and t.values]
+        if not complete:
+            return trials
+        ranks = non_dominated_ranks([t.values for t in complete], spec.directions)
+        rank_of = {t.trial_id: r for t, r in zip(complete, ranks, strict=True)}
+        return [dataclasses.replace(t, pareto_rank=rank_of.get(t.trial_id, 0)) for t in trials]
+
+    def pareto_front(self, name: str) -> ParetoView:
+        record = self.store.get_study(name)
+        ranked = self._ranked(record.spec, self.store.trials(name, ["complete"]))
+        front = sorted((t for t in ranked if t.pareto_rank == 1), key=lambda t: t.values)
+        knee = 0
+        if front:
+            knee = front[knee_point([t.values for t in front], record.spec.directions)].trial_id
+        return ParetoView(record.spec, front, record.hypervolume, knee)
+
+    # ------------------------------------------------------------ workers
+
+    def acquire(self, worker_id: str, study_name: str = "") -> Acquired | NoWork:
+        if not worker_id:
+            raise InvalidArgument("worker_id", "is required")
+        if study_name:
+            studies = [self.store.get_study(study_name)]
+        else:
+            studies = [s for s in self.store.list_studies() if s.state == "running"]
+        # A worker that asks again while it still holds a trial gets that trial back.
+        for record in studies:
+            for t in self.store.trials(record.spec.name, ["running"]):
+                if t.worker_id == worker_id:
+                    self.store.set_trial_attrs(t.trial_id, {st.LEASE: self._lease_until()})
+                    return self._acquired(record.spec, self.store.trial(t.trial_id))
+        # Fewest running trials first, so concurrent studies share the workers.
+        for record in sorted(studies, key=lambda s: (s.counts["running"], s.created)):
+            if record.state != "running":
+                continue
+            with self._lock(record.spec.name):
+                fresh = self.store.get_study(record.spec.name)
+                if fresh.state != "running":
+                    continue
+                if fresh.counts["waiting"] == 0 and not self.policy.can_ask_new(
+                    fresh.spec, fresh.budget_used
+                ):
+                    continue
+                attrs = {st.WORKER: worker_id, st.LEASE: self._lease_until()}
+                trial_id = self.policy.ask(fresh.spec, attrs)
+                trial = self.store.trial(trial_id)
+            run_id = self.tracker.trial_started(fresh.spec, trial)
+            if run_id:
+                self.store.set_trial_attrs(trial_id, {st.RUN_ID: run_id})
+                trial = dataclasses.replace(trial, mlflow_run_id=run_id)
+            return self._acquired(fresh.spec, trial)
+        if study_name:
+            reason = f"study {study_name!r} has no trial to hand out ({studies[0].state})"
+        else:
+            reason = "no running study has a trial to hand out"
+        return NoWork(self.retry_after, reason)
+
+    def _acquired(self, spec: StudySpec, trial: TrialRecord) -> Acquired:
+        return Acquired(trial, spec, spec.fidelity.rungs(), self.lease_seconds)
+
+    def _held(self, trial_id: int, worker_id: str) -> tuple[StudyRecord, TrialRecord]:
+        """The trial and its study, if ``worker_id`` holds it and it is still running."""
+        if not worker_id:
+            raise InvalidArgument("worker_id", "is required")
+        trial = self.store.trial(trial_id)
+        if not trial.study_name:
+            raise NotFound(f"trial {trial_id} not found")
+        study = self.store.get_study(trial.study_name)
+        if trial.state != "running":
+            raise FailedPrecondition(f"trial {trial_id} is {trial.state}, not running")
+        if trial.worker_id != worker_id:
+            raise FailedPrecondition(f"trial {trial_id} is held by another worker")
+        return study, trial
+
+    def report_progress(
+        self, trial_id: int, worker_id: str, step: int, metrics: dict[str, float]
+    ) -> tuple[bool, str, datetime]:
+        """Record a rung report; returns (stop?, reason, lease expiry)."""
+        if step <= 0:
+            raise InvalidArgument("step", "must be > 0")
+        _finite_metrics(metrics)
+        trial = self.store.trial(trial_id)
+        with self._lock(trial.study_name or "?"):
+            study, trial = self._held(trial_id, worker_id)
+            lease = self._lease_until()
+            self.store.set_trial_attrs(trial_id, {st.LEASE: lease})
+            # A repeated report of a step keeps the first metrics (the first answer counts).
+            if not any(r.step == step for r in trial.rungs):
+                self.store.record_rung(trial_id, step, metrics)
+                self.tracker.trial_progress(trial, step, metrics)
+            if study.state != "running" and study.state != "done":
+                stop, reason = True, f"study {study.spec.name} was stopped"
+            else:
+                stop, reason = self.policy.decide(study.spec, trial, step, metrics)
+            if stop:
+                self.store.set_trial_attrs(trial_id, {st.REASON: reason})
+                self.policy.tell_stopped(study.spec, trial)
+                final = self.store.trial(trial_id)
+                self.tracker.trial_finished(study.spec, final, step)
+        return stop, reason, datetime.fromtimestamp(lease, UTC)
+
+    def heartbeat(self, trial_id: int, worker_id: str) -> tuple[datetime, bool]:
+        trial = self.store.trial(trial_id)
+        with self._lock(trial.study_name or "?"):
+            study, trial = self._held(trial_id, worker_id)
+            lease = self._lease_until()
+            self.store.set_trial_attrs(trial_id, {st.LEASE: lease})
+        return datetime.fromtimestamp(lease, UTC), study.state == "stopped"
+
+    def complete(self, trial_id: int, worker_id: str, metrics: dict[str, float]) -> TrialRecord:
+        """Record the final metrics. Repeating the same call returns the same trial."""
+        _finite_metrics(metrics)
+        trial = self.store.trial(trial_id)
+        with self._lock(trial.study_name or "?"):
+            trial = self.store.trial(trial_id)
+            if trial.state == "complete" and trial.worker_id == worker_id:
+                if trial.metrics == metrics:
+                    return trial  # a retry of a call that already took effect
+                raise FailedPrecondition(f"trial {trial_id} already completed with other metrics")
+            study, trial = self._held(trial_id, worker_id)
+            spec = study.spec
+            missing = [m for m in spec.metric_names if m not in metrics]
+            if missing:
+                raise InvalidArgument(f"metrics.{missing[0]}", "objective metric missing")
+            values = [metrics[m] for m in spec.metric_names]
+            self.store.set_trial_attrs(trial_id, {st.METRICS: metrics})
+            self.policy.tell_complete(spec, trial, values)
+            trial = self.store.trial(trial_id)
+            self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
+            self._update_front(study)
+        return trial
+
+    def _update_front(self, study: StudyRecord) -> None:
+        spec = study.spec
+        reference = study.reference
+        ranked = self._ranked(spec, self.store.trials(spec.name, ["complete"]))
+        if not ranked:
+            return
+        if reference is None:
+            derived = default_reference(ranked[0].values, spec.directions)
+            reference = tuple(
+                o.reference if o.reference is not None else d
+                for o, d in zip(spec.objectives, derived, strict=True)
+            )
+            self.store.set_reference(spec.name, reference)
+        front = [t.values for t in ranked if t.pareto_rank == 1]
+        hv = hypervolume(front, reference, spec.directions)
+        self.store.set_hypervolume(spec.name, hv)
+        self.tracker.front_changed(spec, ranked, hv, len(ranked))
+
+    def fail(
+        self, trial_id: int, worker_id: str, kind: FailureKindName, reason: str
+    ) -> tuple[TrialRecord, bool]:
+        """Fail an attempt. An interruption queues the same params again (within retries)."""
+        trial = self.store.trial(trial_id)
+        with self._lock(trial.study_name or "?"):
+            trial = self.store.trial(trial_id)
+            if trial.state == "failed" and trial.worker_id == worker_id:
+                return trial, False  # a retry of a call that already took effect
+            study, trial = self._held(trial_id, worker_id)
+            label = {
+                "crash": "crashed",
+                "out_of_memory": "out of memory",
+                "interrupted": "interrupted",
+            }
+            return self._fail_locked(
+                study, trial, f"{label[kind]}: {reason}".strip(), requeue=kind == "interrupted"
+            )
+
+    def _fail_locked(
+        self, study: StudyRecord, trial: TrialRecord, reason: str, *, requeue: bool
+    ) -> tuple[TrialRecord, bool]:
+        spec = study.spec
+        self.store.set_trial_attrs(trial.trial_id, {st.REASON: reason[:8000]})
+        self.policy.tell_failed(spec, trial)
+        requeued = requeue and study.state == "running" and trial.attempt <= spec.budget.max_retries
+        if requeued:
+            self.policy.requeue(spec, trial.params, trial.attempt + 1)
+        final = self.store.trial(trial.trial_id)
+        self.tracker.trial_finished(spec, final, spec.fidelity.max_steps)
+        return final, requeued
+
+    def reap_expired(self) -> list[int]:
+        """Fail every running trial whose lease ran out and requeue its params (within
+        the study's retry limit). Returns the ids of the reaped trials."""
+        now = self._clock()
+        reaped: list[int] = []
+        for study in self.store.list_studies():
+            for t in self.store.trials(study.spec.name, ["running"]):
+                if t.lease_expires is None or t.lease_expires.timestamp() > now:
+                    continue
+                with self._lock(study.spec.name):
+                    current = self.store.trial(t.trial_id)
+                    if current.state != "running" or (
+                        current.lease_expires and current.lease_expires.timestamp() > now
+                    ):
+                        continue
+                    silent = f"lease expired: worker {current.worker_id!r} went silent"
+                    self._fail_locked(study, current, silent, requeue=True)
+                    reaped.append(t.trial_id)
+                    _log.warning("reaped trial %d of %s (%s)", t.trial_id, study.spec.name, silent)
+        return reaped

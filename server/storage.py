@@ -1,0 +1,280 @@
+"""Storage: Optuna's RDB storage (SQLite or PostgreSQL) as the single source of truth.
+
+Everything the service knows lives here, so a restarted server continues every study.
+Study attributes hold the spec, state and frozen hypervolume reference; trial user
+attributes hold the worker, lease, attempt, rung reports and final metrics.
+
+Database failures become ``Unavailable`` (clients retry), never ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import optuna
+import sqlalchemy.exc
+from google.protobuf import json_format
+from optuna.trial import FrozenTrial, TrialState
+from stagetune.errors import AlreadyExists, NotFound, Unavailable
+from stagetune.spec import StudySpec, spec_from_proto, spec_to_proto
+from stagetune.v1 import types_pb2 as pb
+
+from server.records import RungRecord, StudyRecord, StudyStateName, TrialRecord, TrialStateName
+
+__all__ = ["StudyStore", "storage_errors", "default_storage_url"]
+
+_log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_STATE_NAME: dict[TrialState, TrialStateName] = {
+    TrialState.WAITING: "waiting",
+    TrialState.RUNNING: "running",
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "stopped",
+    TrialState.FAIL: "failed",
+}
+
+# Keys of study user attributes.
+_SPEC = "st_spec"
+_STATE = "st_state"
+_CREATED = "st_created"
+_REFERENCE = "st_reference"
+_MLFLOW_EXPERIMENT = "st_mlflow_experiment_id"
+_MLFLOW_RUN = "st_mlflow_run_id"
+_HYPERVOLUME = "st_hypervolume"
+
+# Keys of trial user attributes.
+STUDY = "st_study"
+ATTEMPT = "st_attempt"
+WORKER = "st_worker"
+LEASE = "st_lease"
+REASON = "st_reason"
+METRICS = "st_metrics"
+RUN_ID = "st_mlflow_run_id"
+RUNG_PREFIX = "st_rung_"
+
+
+def default_storage_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'stagetune.db').resolve()}"
+
+
+def storage_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn database outages into ``Unavailable``, so clients retry instead of giving up."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+            _log.warning("storage unavailable in %s: %s", fn.__name__, e)
+            raise Unavailable("storage unavailable; retry later") from None
+        except optuna.exceptions.StorageInternalError as e:
+            _log.warning("storage error in %s: %s", fn.__name__, e)
+            raise Unavailable("storage unavailable; retry later") from None
+
+    return wrapper
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(float(value), UTC) if value is not None else None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        # Wait for a writer rather than failing with "database is locked".
+        return {"connect_args": {"timeout": 60, "check_same_thread": False}}
+    return {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 16}
+
+
+class StudyStore:
+    """Studies and trials in an Optuna RDB storage, read and written as domain records."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.optuna_storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+            raise Unavailable(
+                f"cannot open storage: {e.orig if hasattr(e, 'orig') else e}"
+            ) from None
+        if url.startswith("sqlite"):
+            with self.optuna_storage.engine.connect() as conn:
+                # WAL lets readers proceed while one writer commits; it persists in the file.
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        self._create_lock = threading.Lock()
+
+    # ------------------------------------------------------------ studies
+
+    def _study_id(self, name: str) -> int:
+        try:
+            return self.optuna_storage.get_study_id_from_name(name)
+        except KeyError:
+            raise NotFound(f"study {name!r} not found") from None
+
+    @storage_errors
+    def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
+        """Create the study, or return the existing equal one. A different spec: AlreadyExists."""
+        spec_json = json_format.MessageToJson(spec_to_proto(spec), sort_keys=True)
+        with self._create_lock:
+            try:
+                study_id = self.optuna_storage.get_study_id_from_name(spec.name)
+            except KeyError:
+                study_id = None
+            if study_id is not None:
+                existing = self.get_study(spec.name)
+                if existing.spec.canonical_json() != spec.canonical_json():
+                    raise AlreadyExists(
+                        f"study {spec.name!r} exists with a different spec; "
+                        "choose another name or submit the same spec"
+                    )
+                return existing, False
+            directions = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
+            study_id = self.optuna_storage.create_new_study(directions, spec.name)
+            try:
+                s = self.optuna_storage
+                s.set_study_user_attr(study_id, _SPEC, spec_json)
+                s.set_study_user_attr(study_id, _CREATED, _now().timestamp())
+                s.set_study_user_attr(study_id, _STATE, "running")
+            except Exception:
+                # A half-written study would block the name forever: remove it.
+                self.optuna_storage.delete_study(study_id)
+                raise
+        return self.get_study(spec.name), True
+
+    def _record(self, study_id: int, name: str, attrs: dict[str, Any]) -> StudyRecord:
+        spec = spec_from_proto(json_format.Parse(attrs[_SPEC], pb.StudySpec()))
+        trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
+        counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)  # type: ignore[assignment]
+        used = 0
+        for t in trials:
+            counts[_STATE_NAME[t.state]] += 1
+            used += int(t.user_attrs.get(ATTEMPT, 1)) == 1
+        state: StudyStateName = attrs.get(_STATE, "running")
+        if (
+            state == "running"
+            and used >= spec.budget.max_trials
+            and counts["running"] == 0
+            and counts["waiting"] == 0
+        ):
+            state = "done"
+        ref = attrs.get(_REFERENCE)
+        return StudyRecord(
+            spec=spec,
+            state=state,
+            created=_ts(attrs.get(_CREATED)) or _now(),
+            counts=counts,
+            budget_used=used,
+            reference=tuple(ref) if ref is not None else None,
+            mlflow_experiment_id=attrs.get(_MLFLOW_EXPERIMENT, ""),
+            mlflow_run_id=attrs.get(_MLFLOW_RUN, ""),
+            hypervolume=float(attrs.get(_HYPERVOLUME, 0.0)),
+        )
+
+    @storage_errors
+    def get_study(self, name: str) -> StudyRecord:
+        study_id = self._study_id(name)
+        attrs = self.optuna_storage.get_study_user_attrs(study_id)
+        if _SPEC not in attrs:
+            raise NotFound(f"study {name!r} not found")
+        return self._record(study_id, name, attrs)
+
+    @storage_errors
+    def list_studies(self) -> list[StudyRecord]:
+        records = [
+            self._record(s._study_id, s.study_name, s.user_attrs)
+            for s in self.optuna_storage.get_all_studies()
+            if _SPEC in s.user_attrs
+        ]
+        return sorted(records, key=lambda r: r.created, reverse=True)
+
+    @storage_errors
+    def set_study_state(self, name: str, state: StudyStateName) -> None:
+        self.optuna_storage.set_study_user_attr(self._study_id(name), _STATE, state)
+
+    @storage_errors
+    def set_reference(self, name: str, reference: Iterable[float]) -> None:
+        self.optuna_storage.set_study_user_attr(self._study_id(name), _REFERENCE, list(reference))
+
+    @storage_errors
+    def set_hypervolume(self, name: str, value: float) -> None:
+        self.optuna_storage.set_study_user_attr(self._study_id(name), _HYPERVOLUME, value)
+
+    @storage_errors
+    def set_study_tracking(self, name: str, experiment_id: str, run_id: str) -> None:
+        study_id = self._study_id(name)
+        self.optuna_storage.set_study_user_attr(study_id, _MLFLOW_EXPERIMENT, experiment_id)
+        self.optuna_storage.set_study_user_attr(study_id, _MLFLOW_RUN, run_id)
+
+    # ------------------------------------------------------------ trials
+
+    def _trial_record(self, study_name: str, t: FrozenTrial) -> TrialRecord:
+        ua = t.user_attrs
+        rungs = sorted(
+            (
+                RungRecord(int(k[len(RUNG_PREFIX) :]), v["metrics"], _ts(v["time"]) or _now())
+                for k, v in ua.items()
+                if k.startswith(RUNG_PREFIX)
+            ),
+            key=lambda r: r.step,
+        )
+        return TrialRecord(
+            trial_id=t._trial_id,
+            number=t.number,
+            study_name=study_name,
+            state=_STATE_NAME[t.state],
+            params=dict(t.params),
+            attempt=int(ua.get(ATTEMPT, 1)),
+            metrics=dict(ua.get(METRICS, {})),
+            values=tuple(t.values) if t.state == TrialState.COMPLETE and t.values else (),
+            rungs=tuple(rungs),
+            worker_id=ua.get(WORKER, ""),
+            start=t.datetime_start.astimezone(UTC) if t.datetime_start else None,
+            end=t.datetime_complete.astimezone(UTC) if t.datetime_complete else None,
+            lease_expires=_ts(ua.get(LEASE)) if t.state == TrialState.RUNNING else None,
+            reason=ua.get(REASON, ""),
+            mlflow_run_id=ua.get(RUN_ID, ""),
+        )
+
+    @storage_errors
+    def trials(
+        self, study_name: str, states: Iterable[TrialStateName] | None = None
+    ) -> list[TrialRecord]:
+        study_id = self._study_id(study_name)
+        wanted = set(states or ())
+        optuna_states = tuple(s for s, n in _STATE_NAME.items() if n in wanted) if wanted else None
+        return [
+            self._trial_record(study_name, t)
+            for t in self.optuna_storage.get_all_trials(
+                study_id, deepcopy=False, states=optuna_states
+            )
+        ]
+
+    @storage_errors
+    def trial(self, trial_id: int) -> TrialRecord:
+        try:
+            t = self.optuna_storage.get_trial(trial_id)
+        except KeyError:
+            raise NotFound(f"trial {trial_id} not found") from None
+        return self._trial_record(str(t.user_attrs.get(STUDY, "")), t)
+
+    @storage_errors
+    def set_trial_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            self.optuna_storage.set_trial_user_attr(trial_id, key, value)
+
+    @storage_errors
+    def record_rung(self, trial_id: int, step: int, metrics: dict[str, float]) -> None:
+        self.optuna_storage.set_trial_user_attr(
+            trial_id, f"{RUNG_PREFIX}{step}", {"metrics": metrics, "time": _now().timestamp()}
+        )
