@@ -1,0 +1,38 @@
+# stagetune developer commands. `make demo` and `make test` set everything up first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch for machines without a GPU; on GPU nodes install your CUDA torch first.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-all proto lint typecheck clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# DeepSpeed's setup imports torch: build it against the torch installed above.
+	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install everything
+
+demo: setup  ## a small real LoRA study on CPU: server + 2 workers + MLflow, ~5 min
+	$(BIN)/stagetune demo
+
+test: setup  ## lint, type-check and the full test suite (what CI runs)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+	$(BIN)/pytest -q -ra
+
+proto: setup  ## regenerate the committed gRPC stubs from proto/
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto proto/stagetune/v1/*.proto
+
+clean:
+	rm -rf $(VENV) stagetune-data stagetune-demo .pytest_cache .mypy_cache .ruff_cache
