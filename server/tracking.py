@@ -57,7 +57,7 @@ class Tracker(Protocol):
 
     def flush(self, timeout: float = 30.0) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, timeout: float = 30.0) -> None: ...
 
 
 class NullTracker:
@@ -83,7 +83,7 @@ class NullTracker:
     def flush(self, timeout: float = 30.0) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         pass
 
 
@@ -156,8 +156,13 @@ class MlflowTracker:
     def flush(self, timeout: float = 30.0) -> None:
         self._submit(lambda: None).result(timeout=timeout)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush pending events for up to ``timeout`` seconds, then drop the rest."""
+        try:
+            self.flush(timeout)
+        except FutureTimeout:
+            _log.warning("MLflow events still pending after %.0fs were dropped", timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ events
 
