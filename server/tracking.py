@@ -116,6 +116,8 @@ class MlflowTracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
+        for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every fresh store
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri)
         self._artifact_root = artifact_root

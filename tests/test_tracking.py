@@ -1,0 +1,78 @@
+"""MLflow as the review surface: a real MLflow store in tmp_path behind a live server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from server.app import StagetuneServer
+from stagetune.client import StudyClient, WorkerClient
+from stagetune.spec import StudySpec
+from tests.conftest import objective_metrics, start_server
+
+
+def _runs(server: StagetuneServer) -> tuple[MlflowClient, list, list]:  # type: ignore[type-arg]
+    server.tracker.flush()
+    client = MlflowClient(server.settings.resolved_tracking_uri())
+    exp = client.get_experiment_by_name("stagetune/lora")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stagetune.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("stagetune.kind") == "trial"]
+    return client, parents, children
+
+
+def test_a_study_is_a_parent_run_and_each_trial_a_child_run_with_pareto_tags(
+    tracked_server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    with StudyClient(tracked_server.address) as sc, WorkerClient(tracked_server.address) as wc:
+        study, _ = sc.create_study(lora_spec)
+        results = [(2.0, 5.0, 100.0), (1.0, 6.0, 100.0), (2.5, 6.5, 120.0)]
+        ids = []
+        for metrics in results:
+            a = wc.acquire("w1")
+            wc.report_progress(a.trial.trial_id, "w1", 8, {"eval_loss": metrics[0] + 1})
+            wc.complete(a.trial.trial_id, "w1", objective_metrics(*metrics))
+            ids.append(a.trial.trial_id)
+    client, parents, children = _runs(tracked_server)
+    assert [p.info.run_id for p in parents] == [study.mlflow_run_id]
+    assert len(children) == 3
+    by_trial = {int(r.data.tags["stagetune.trial_id"]): r for r in children}
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == study.mlflow_run_id
+        assert r.info.status == "FINISHED"
+        assert set(r.data.params) == {p.name for p in lora_spec.search_space}
+    assert [by_trial[i].data.tags["pareto_front"] for i in ids] == ["true", "true", "false"]
+    assert [by_trial[i].data.tags["pareto_rank"] for i in ids] == ["1", "1", "2"]
+    # Rung metrics by step, then the final value at the full budget.
+    history = client.get_metric_history(by_trial[ids[0]].info.run_id, "eval_loss")
+    assert [(m.step, m.value) for m in history] == [(8, 3.0), (32, 2.0)]
+    assert by_trial[ids[0]].data.metrics["decode_latency_ms"] == 5.0
+    hv = client.get_metric_history(study.mlflow_run_id, "hypervolume")
+    assert [m.step for m in hv] == [1, 2, 3]
+    assert hv[-1].value >= hv[0].value > 0
+    artifacts = {a.path for a in client.list_artifacts(study.mlflow_run_id)}
+    assert {"pareto_front.csv", "pareto_front.png", "spec.json"} <= artifacts
+    csv_text = Path(client.download_artifacts(study.mlflow_run_id, "pareto_front.csv")).read_text()
+    assert len(csv_text.strip().splitlines()) == 3  # header + the two front members
+
+
+def test_tracking_outage_never_fails_an_rpc(
+    tmp_path: Path, lora_spec: StudySpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tracking server where nothing listens: every MLflow call fails on the tracker thread.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    srv = start_server(tmp_path, tracking_uri="http://127.0.0.1:1")
+    try:
+        with StudyClient(srv.address, timeout=20) as sc, WorkerClient(srv.address, timeout=20) as wc:
+            study, created = sc.create_study(lora_spec)
+            assert created and study.mlflow_run_id == ""
+            a = wc.acquire("w1")
+            assert a.mlflow_run_id == ""
+            trial = wc.complete(a.trial.trial_id, "w1", objective_metrics(1, 2, 3))
+            assert list(trial.objective_values) == [1, 2, 3]
+    finally:
+        srv.stop(grace=0)
