@@ -36,7 +36,7 @@ def _is_cuda(device: str | None) -> bool:
         return False
     import torch
 
-    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
 def peak_memory_mb(device: str | None = None) -> float:

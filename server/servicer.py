@@ -6,9 +6,6 @@ from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
-from server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
-from server.service import Acquired, StudyService
 from stagetune.errors import InvalidArgument
 from stagetune.spec import spec_from_proto, spec_to_proto, value_to_proto
 from stagetune.v1 import study_service_pb2 as ss
@@ -17,6 +14,9 @@ from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
 
+from server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
+from server.service import Acquired, StudyService
+
 __all__ = ["StudyServicer", "WorkerServicer", "study_to_proto", "trial_to_proto"]
 
 _STUDY_STATE = {
@@ -24,14 +24,14 @@ _STUDY_STATE = {
     "stopped": pb.STUDY_STATE_STOPPED,
     "done": pb.STUDY_STATE_DONE,
 }
-_TRIAL_STATE: dict[TrialStateName, int] = {
+_TRIAL_STATE: dict[TrialStateName, pb.TrialState] = {
     "waiting": pb.TRIAL_STATE_WAITING,
     "running": pb.TRIAL_STATE_RUNNING,
     "complete": pb.TRIAL_STATE_COMPLETE,
     "stopped": pb.TRIAL_STATE_STOPPED,
     "failed": pb.TRIAL_STATE_FAILED,
 }
-_TRIAL_STATE_NAME = {v: k for k, v in _TRIAL_STATE.items()}
+_TRIAL_STATE_NAME: dict[int, TrialStateName] = {v: k for k, v in _TRIAL_STATE.items()}
 _FAILURE_KIND = {
     pb.FAILURE_KIND_CRASH: "crash",
     pb.FAILURE_KIND_OUT_OF_MEMORY: "out_of_memory",
@@ -97,7 +97,7 @@ def _name(value: str, field: str = "study_name") -> str:
     return value
 
 
-class StudyServicer(ss_grpc.StudyServiceServicer):  # type: ignore[misc]
+class StudyServicer(ss_grpc.StudyServiceServicer):
     def __init__(self, service: StudyService) -> None:
         self._service = service
 
@@ -145,7 +145,7 @@ class StudyServicer(ss_grpc.StudyServiceServicer):  # type: ignore[misc]
         )
 
 
-class WorkerServicer(ws_grpc.WorkerServiceServicer):  # type: ignore[misc]
+class WorkerServicer(ws_grpc.WorkerServiceServicer):
     def __init__(self, service: StudyService, tracking_uri: str = "") -> None:
         self._service = service
         self._tracking_uri = tracking_uri

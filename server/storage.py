@@ -155,7 +155,7 @@ class StudyStore:
     def _record(self, study_id: int, name: str, attrs: dict[str, Any]) -> StudyRecord:
         spec = spec_from_proto(json_format.Parse(attrs[_SPEC], pb.StudySpec()))
         trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
-        counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)  # type: ignore[assignment]
+        counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)
         used = 0
         for t in trials:
             counts[_STATE_NAME[t.state]] += 1

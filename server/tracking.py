@@ -239,10 +239,7 @@ class MlflowTracker:
         found = self._client.search_runs(
             [exp], filter_string=f"tags.`stagetune.trial_id` = '{trial.trial_id}'", max_results=1
         )
-        if found:
-            run_id = found[0].info.run_id
-        else:
-            run_id = self._start_child(spec, trial)
+        run_id = found[0].info.run_id if found else self._start_child(spec, trial)
         self._children[trial.trial_id] = run_id
         return run_id
 

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.app import StagetuneServer
 from stagetune.client import WorkerClient
+
+from server.app import StagetuneServer
 from tests.conftest import REPO, objective_metrics
 
 
@@ -58,11 +59,20 @@ def test_pareto_json_and_status_show_the_front(tracked_server: StagetuneServer) 
     front = json.loads(out.stdout)
     assert len(front["trials"]) == 2
     assert front["trials"][0]["objectives"] == {
-        "eval_loss": 1.0, "decode_latency_ms": 6.0, "peak_memory_mb": 100.0
+        "eval_loss": 1.0,
+        "decode_latency_ms": 6.0,
+        "peak_memory_mb": 100.0,
     }
-    assert set(front["trials"][0]["params"]) == {"learning_rate", "lora_r", "lora_alpha", "lora_dropout"}
+    assert set(front["trials"][0]["params"]) == {
+        "learning_rate",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+    }
     assert sum(t["knee"] for t in front["trials"]) == 1
-    csv_out = stagetune("pareto", "demo-lora", "--format", "csv", "--server", tracked_server.address)
+    csv_out = stagetune(
+        "pareto", "demo-lora", "--format", "csv", "--server", tracked_server.address
+    )
     assert csv_out.stdout.splitlines()[0].startswith("trial_id,number,eval_loss,")
     status = stagetune("status", "demo-lora", "--server", tracked_server.address).stdout
     assert "3 complete" in status and "Pareto front:" in status

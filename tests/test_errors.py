@@ -7,11 +7,11 @@ from concurrent import futures
 
 import grpc
 import pytest
-
-from server.interceptor import ErrorInterceptor
 from stagetune import errors
 from stagetune.client import StudyClient
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
+
+from server.interceptor import ErrorInterceptor
 
 DOMAIN_ERRORS = [
     errors.InvalidArgument("search_space.lr.low", "must be > 0"),
@@ -75,13 +75,16 @@ def test_each_domain_error_has_its_status_code(raising: tuple[_Raising, str]) ->
 def test_a_bug_is_internal_and_leaks_nothing(raising: tuple[_Raising, str]) -> None:
     servicer, address = raising
     servicer.error = KeyError("postgres://admin:hunter2@db/secret")
-    with StudyClient(address, timeout=5, retries=0) as client, pytest.raises(errors.InternalError) as got:
+    with (
+        StudyClient(address, timeout=5, retries=0) as client,
+        pytest.raises(errors.InternalError) as got,
+    ):
         client.get_study("x")
     assert "hunter2" not in got.value.message
     assert "internal error" in got.value.message
 
 
 def test_unavailable_is_retried_then_raised() -> None:
-    with StudyClient("127.0.0.1:1", timeout=2, retries=2, backoff=0.01) as client:
-        with pytest.raises(errors.Unavailable):
-            client.list_studies()
+    client = StudyClient("127.0.0.1:1", timeout=2, retries=2, backoff=0.01)
+    with client, pytest.raises(errors.Unavailable):
+        client.list_studies()

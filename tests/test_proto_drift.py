@@ -12,9 +12,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_committed_stubs_match_the_proto_files(tmp_path: Path) -> None:
     protos = sorted((REPO / "proto" / "stagetune" / "v1").glob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO / "proto"),
-         f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-         *map(str, protos)],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(REPO / "proto"),
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *map(str, protos),
+        ],
         check=True,
     )
     generated = sorted(tmp_path.rglob("*_pb2*.py*"))

@@ -36,14 +36,27 @@ def test_reflection_lists_the_services(tracked_server: StagetuneServer) -> None:
 def test_stop_goes_not_serving_before_it_closes(tracked_server: StagetuneServer) -> None:
     tracked_server.health.enter_graceful_shutdown()
     with grpc.insecure_channel(tracked_server.address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_serve_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stagetune.cli", "serve", "--port", "0", "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "stagetune.cli",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     seen = []

@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
-from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.errors import AlreadyExists, InvalidArgument, NotFound
 from stagetune.spec import BudgetSpec, FloatParam, StudySpec, spec_to_proto
 from stagetune.v1 import types_pb2 as pb
+
+from server.app import StagetuneServer
 from tests.conftest import objective_metrics
 
 
-def test_create_study_returns_it_with_zero_counts(study_client: StudyClient, lora_spec: StudySpec) -> None:
+def test_create_study_returns_it_with_zero_counts(
+    study_client: StudyClient, lora_spec: StudySpec
+) -> None:
     study, created = study_client.create_study(lora_spec)
     assert created
     assert study.spec.name == lora_spec.name
@@ -22,7 +24,9 @@ def test_create_study_returns_it_with_zero_counts(study_client: StudyClient, lor
     assert study.counts.complete == 0 and study.counts.running == 0
 
 
-def test_creating_the_same_spec_twice_is_a_no_op(study_client: StudyClient, lora_spec: StudySpec) -> None:
+def test_creating_the_same_spec_twice_is_a_no_op(
+    study_client: StudyClient, lora_spec: StudySpec
+) -> None:
     study_client.create_study(lora_spec)
     _, created = study_client.create_study(lora_spec)
     assert not created
@@ -42,11 +46,17 @@ def test_a_different_spec_under_the_same_name_is_refused(
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda m: setattr(m.search_space[0].float_range, "low", -1.0), "search_space.learning_rate.low"),
+        (
+            lambda m: setattr(m.search_space[0].float_range, "low", -1.0),
+            "search_space.learning_rate.low",
+        ),
         (lambda m: setattr(m.fidelity, "reduction_factor", 1.0), "fidelity.reduction_factor"),
         (lambda m: setattr(m.budget, "max_trials", 0), "budget.max_trials"),
         (lambda m: setattr(m, "name", "../etc"), "name"),
-        (lambda m: m.search_space.add(name="nonsense", float_range=pb.FloatRange(low=0, high=1)), "search_space.nonsense"),
+        (
+            lambda m: m.search_space.add(name="nonsense", float_range=pb.FloatRange(low=0, high=1)),
+            "search_space.nonsense",
+        ),
         (lambda m: setattr(m.objectives[0], "metric", "accuracy_of_vibes"), "objectives[0].metric"),
         (lambda m: m.runner.update({"model": {}}), "runner.model"),
     ],
@@ -136,7 +146,9 @@ def test_the_server_continues_a_study_after_restart(
         again.stop(grace=0)
 
 
-def test_float_param_ranges_survive_the_wire(study_client: StudyClient, lora_spec: StudySpec) -> None:
+def test_float_param_ranges_survive_the_wire(
+    study_client: StudyClient, lora_spec: StudySpec
+) -> None:
     study, _ = study_client.create_study(lora_spec)
     lr = next(p for p in study.spec.search_space if p.name == "learning_rate")
     assert isinstance(lora_spec.param("learning_rate"), FloatParam)

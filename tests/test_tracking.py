@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.spec import StudySpec
+
+from server.app import StagetuneServer
 from tests.conftest import objective_metrics, start_server
 
 
@@ -67,7 +67,10 @@ def test_tracking_outage_never_fails_an_rpc(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     srv = start_server(tmp_path, tracking_uri="http://127.0.0.1:1")
     try:
-        with StudyClient(srv.address, timeout=20) as sc, WorkerClient(srv.address, timeout=20) as wc:
+        with (
+            StudyClient(srv.address, timeout=20) as sc,
+            WorkerClient(srv.address, timeout=20) as wc,
+        ):
             study, created = sc.create_study(lora_spec)
             assert created and study.mlflow_run_id == ""
             a = wc.acquire("w1")

@@ -6,12 +6,12 @@ import dataclasses
 import time
 
 import pytest
-
-from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagetune.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
+
+from server.app import StagetuneServer
 from tests.conftest import objective_metrics
 
 
@@ -34,7 +34,9 @@ def test_acquire_hands_out_params_inside_the_search_space_with_rungs(
     assert a.lease_duration.seconds > 0
 
 
-def test_a_worker_asking_again_gets_the_trial_it_holds(worker_client: WorkerClient, study: StudySpec) -> None:
+def test_a_worker_asking_again_gets_the_trial_it_holds(
+    worker_client: WorkerClient, study: StudySpec
+) -> None:
     first = worker_client.acquire("w1")
     again = worker_client.acquire("w1")
     other = worker_client.acquire("w2")
@@ -77,8 +79,11 @@ def test_complete_is_idempotent_and_a_different_payload_is_refused(
     ],
 )
 def test_bad_results_never_complete_a_trial(
-    worker_client: WorkerClient, study_client: StudyClient, study: StudySpec,
-    metrics: dict[str, float], field: str,
+    worker_client: WorkerClient,
+    study_client: StudyClient,
+    study: StudySpec,
+    metrics: dict[str, float],
+    field: str,
 ) -> None:
     a = worker_client.acquire("w1")
     with pytest.raises(InvalidArgument) as err:
@@ -100,7 +105,9 @@ def test_an_interrupted_trial_is_requeued_with_the_same_params(
     worker_client: WorkerClient, study_client: StudyClient, study: StudySpec
 ) -> None:
     a = worker_client.acquire("w1")
-    failed, requeued = worker_client.fail(a.trial.trial_id, "w1", "interrupted", "worker shutting down")
+    failed, requeued = worker_client.fail(
+        a.trial.trial_id, "w1", "interrupted", "worker shutting down"
+    )
     assert requeued and failed.state == pb.TRIAL_STATE_FAILED
     b = worker_client.acquire("w2")
     assert b.trial.trial_id != a.trial.trial_id
@@ -112,7 +119,9 @@ def test_a_crashed_trial_is_failed_with_its_reason_and_not_retried(
     worker_client: WorkerClient, study_client: StudyClient, study: StudySpec
 ) -> None:
     a = worker_client.acquire("w1")
-    failed, requeued = worker_client.fail(a.trial.trial_id, "w1", "crash", "exit code 1\nValueError: x")
+    failed, requeued = worker_client.fail(
+        a.trial.trial_id, "w1", "crash", "exit code 1\nValueError: x"
+    )
     assert not requeued
     assert "crashed: exit code 1" in failed.reason
     assert study_client.get_study(study.name).counts.waiting == 0
@@ -148,7 +157,11 @@ def test_an_expired_lease_is_reaped_and_its_params_requeued(
     from tests.conftest import start_server
 
     srv: StagetuneServer = start_server(
-        tmp_path, storage_url=storage_url, tracking_uri="", lease_seconds=1.0, reaper_interval=0.2  # type: ignore[arg-type]
+        tmp_path,
+        storage_url=storage_url,
+        tracking_uri="",
+        lease_seconds=1.0,
+        reaper_interval=0.2,  # type: ignore[arg-type]
     )
     try:
         with StudyClient(srv.address) as sc, WorkerClient(srv.address) as wc:

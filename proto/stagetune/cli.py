@@ -117,6 +117,10 @@ def _counts(study: pb.Study) -> str:
     )
 
 
+def _finished(study: pb.Study) -> int:
+    return study.counts.complete + study.counts.stopped + study.counts.failed
+
+
 def render_status(client: StudyClient, name: str | None) -> str:
     if not name:
         studies = client.list_studies()
@@ -127,7 +131,7 @@ def render_status(client: StudyClient, name: str | None) -> str:
                 s.spec.name,
                 pb.Stage.Name(s.spec.stage).removeprefix("STAGE_").lower(),
                 _STUDY_STATE.get(s.state, "?"),
-                f"{s.counts.complete + s.counts.stopped + s.counts.failed}/{s.spec.budget.max_trials}",
+                f"{_finished(s)}/{s.spec.budget.max_trials}",
                 _counts(s),
                 s.hypervolume,
             ]
@@ -175,7 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def render_pareto(front: ss.GetParetoFrontResponse, fmt: str) -> str:
     metrics = [o.metric for o in front.objectives]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for t in front.trials:
         rows.append(
             {

@@ -114,7 +114,7 @@ class StudyClient(_Client):
     def stop_study(self, name: str) -> pb.Study:
         return self._call(self._stub.StopStudy, ss.StopStudyRequest(study_name=name))
 
-    def list_trials(self, name: str, states: Iterable[int] = ()) -> list[pb.Trial]:
+    def list_trials(self, name: str, states: Iterable[pb.TrialState] = ()) -> list[pb.Trial]:
         request = ss.ListTrialsRequest(study_name=name, states=list(states))
         return list(self._call(self._stub.ListTrials, request).trials)
 

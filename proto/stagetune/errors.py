@@ -100,7 +100,7 @@ def status_of(error: StagetuneError) -> grpc.StatusCode:
     """The status code of an error, walking up its class hierarchy."""
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 from google.protobuf import json_format
-from objectives.catalog import METRICS
 
+from objectives.catalog import METRICS
 from stagetune.errors import InvalidArgument
 from stagetune.stages import RUNNER_KEYS, STAGES
 from stagetune.v1 import types_pb2 as pb
@@ -54,6 +54,7 @@ __all__ = [
 MAX_SPEC_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAMPLERS: tuple[SamplerName, ...] = ("tpe", "nsga2", "random")
+_DIRECTIONS: dict[str, Direction] = {"minimize": "minimize", "maximize": "maximize"}
 
 
 @dataclass(frozen=True)
@@ -273,9 +274,10 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
             raise InvalidArgument(
                 f"{where}.metric", f"unknown metric {metric!r}; one of {sorted(METRICS)}"
             )
-        direction = entry.get("direction", METRICS[metric].direction)
-        if direction not in ("minimize", "maximize"):
+        raw = entry.get("direction", METRICS[metric].direction)
+        if raw not in _DIRECTIONS:
             raise InvalidArgument(f"{where}.direction", "must be minimize or maximize")
+        direction = _DIRECTIONS[raw]
         ref = entry.get("reference")
         objectives.append(
             ObjectiveSpec(
