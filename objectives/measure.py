@@ -53,9 +53,28 @@ def peak_memory_mb(device: str | None = None) -> float:
         import torch
 
         return float(torch.cuda.max_memory_allocated(device)) / 2**20
+    hwm = _vm_hwm_kib()
+    if hwm is not None:
+        return hwm / 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux and bytes on macOS.
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def _vm_hwm_kib() -> int | None:
+    """Linux's peak RSS of this process image (VmHWM).
+
+    Preferred over ``ru_maxrss``, which survives fork+exec: a trial process started by a
+    large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def reset_peak_memory(device: str | None = None) -> None:

@@ -27,6 +27,7 @@ from stagetune.errors import FailedPrecondition, NotFound, StagetuneError, Unava
 from stagetune.spec import spec_from_proto, value_from_proto
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
+
 from trainer.assignment import Assignment, TrialResult
 
 __all__ = ["WorkerSettings", "Worker", "TrialOutcome", "launch_command"]
@@ -293,10 +294,7 @@ class Worker:
             if result is not None and result.status == "out_of_memory":
                 self.client.fail(a.trial_id, wid, "out_of_memory", result.reason)
                 return "failed", "out of memory"
-            if code < 0:
-                why = f"killed by {signal.Signals(-code).name}"
-            else:
-                why = f"exit code {code}"
+            why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if code == -signal.SIGKILL or code == 137:
                 why += " (possibly out of host memory)"
             detail = result.reason if result is not None and result.reason else _tail(log_path)
