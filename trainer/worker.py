@@ -71,7 +71,7 @@ def launch_command(assignment_path: Path, processes: int, cpu: bool) -> list[str
         cmd.append("--multi_gpu")
     if processes > 1:
         cmd += ["--main_process_port", str(_free_port())]
-    return [*cmd, "-m", "trainer.trial", str(assignment_path)]
+    return [*cmd, "-m", "trainer.run_trial", str(assignment_path)]
 
 
 def _free_port() -> int:

@@ -1,0 +1,68 @@
+"""Entry point of a trial process: ``accelerate launch ... -m trainer.run_trial FILE``.
+
+Every rank reads the same assignment file. Rank 0 writes the TrialResult the worker turns
+into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not as a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from trainer.assignment import Assignment, TrialResult
+from trainer.rungs import GrpcReporter, NullReporter, Reporter
+
+__all__ = ["main", "STAGE_RUNNERS"]
+
+
+def _lora(a: Assignment, r: Reporter) -> TrialResult:
+    from trainer.stages.lora import run_lora
+
+    return run_lora(a, r)
+
+
+STAGE_RUNNERS: dict[str, Callable[[Assignment, Reporter], TrialResult]] = {"lora": _lora}
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one stagetune trial (started by a worker).")
+    parser.add_argument("assignment", type=Path, help="assignment JSON written by the worker")
+    args = parser.parse_args(argv)
+    a = Assignment.read(args.assignment)
+    rank0 = _rank() == 0
+    runner = STAGE_RUNNERS.get(a.stage)
+    if runner is None:
+        if rank0:
+            TrialResult("error", reason=f"no runner for stage {a.stage!r}").write(Path(a.result_path))
+        return 1
+    reporter: Reporter = (
+        GrpcReporter(a.server, a.trial_id, a.worker_id) if a.server and rank0 else NullReporter()
+    )
+    try:
+        result = runner(a, reporter)
+    except Exception as e:
+        import torch
+
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if rank0:
+            status = "out_of_memory" if oom else "error"
+            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+            TrialResult(status, reason=reason[-6000:]).write(Path(a.result_path))
+        if oom:
+            return 3
+        raise
+    if rank0:
+        result.write(Path(a.result_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Rung evaluation inside a trial: evaluate at the server's rung steps, report, obey STOP.
+
+Rank 0 reports to the server; the decision is broadcast so every rank stops together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+from transformers import TrainerCallback
+
+__all__ = ["Reporter", "NullReporter", "GrpcReporter", "RungCallback"]
+
+
+class Reporter(Protocol):
+    def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        """Send rung metrics; returns (stop?, reason)."""
+        ...
+
+
+class NullReporter:
+    """No server (tests, local runs): always continue; remembers what was reported."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        self.calls.append((step, dict(metrics)))
+        return False, ""
+
+
+class GrpcReporter:
+    """Reports to the stagetune server with the typed client."""
+
+    def __init__(self, server: str, trial_id: int, worker_id: str) -> None:
+        from stagetune.client import WorkerClient
+
+        self._client = WorkerClient(server)
+        self._trial_id = trial_id
+        self._worker_id = worker_id
+
+    def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        from stagetune.errors import FailedPrecondition
+
+        try:
+            decision = self._client.report_progress(self._trial_id, self._worker_id, step, metrics)
+        except FailedPrecondition as e:  # reaped, stopped or finished: stop, report nothing
+            return True, e.message
+        return decision.stop, decision.reason
+
+
+def _broadcast(value: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+class RungCallback(TrainerCallback):  # type: ignore[misc]
+    """Evaluates at each rung step; rank 0 reports; all ranks stop on STOP."""
+
+    def __init__(self, rung_steps: list[int], reporter: Reporter) -> None:
+        self.rung_steps = set(rung_steps)
+        self.reporter = reporter
+        self.rungs: list[dict[str, Any]] = []
+        self.stopped = False
+        self.reason = ""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step in self.rung_steps:
+            control.should_evaluate = True
+        return control
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any) -> Any:
+        step = int(state.global_step)
+        if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
+            return control
+        values = {
+            k.removeprefix("eval_") if k != "eval_loss" else k: float(v)
+            for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and k in ("eval_loss",)
+        }
+        if "eval_loss" in values and math.isfinite(values["eval_loss"]):
+            values["perplexity"] = math.exp(min(values["eval_loss"], 50.0))
+        self.rungs.append({"step": step, "metrics": values})
+        decision: tuple[bool, str] = (False, "")
+        if state.is_world_process_zero:
+            decision = self.reporter.report(step, values)
+        stop, reason = _broadcast(decision)
+        if stop:
+            self.stopped, self.reason = True, reason
+            control.should_training_stop = True
+        return control

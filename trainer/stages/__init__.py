@@ -1,0 +1,1 @@
+"""Stage runners: one function per stage, ``run(assignment, reporter) -> TrialResult``."""
