@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from server.app import StagetuneServer
 from stagetune.client import StudyClient
 from stagetune.spec import BudgetSpec, FidelitySpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
+
+from server.app import StagetuneServer
 from trainer.worker import Worker, WorkerSettings
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,14 @@ def tiny_spec(spec: StudySpec, tmp_path: Path, trials: int, **runner: object) ->
         budget=BudgetSpec(trials, 0),
         fidelity=FidelitySpec(2, 4, 2),
         runner={
-            "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                               "intermediate_size": 64}},
+            "model": {
+                "tiny": {
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "intermediate_size": 64,
+                }
+            },
             "data": {"synthetic": "arithmetic", "train_size": 32, "eval_size": 8},
             "training": {"per_device_train_batch_size": 4, "max_length": 32},
             "cache_dir": str(tmp_path / "cache"),
@@ -38,8 +44,16 @@ def tiny_spec(spec: StudySpec, tmp_path: Path, trials: int, **runner: object) ->
 
 
 def worker(server: StagetuneServer, tmp_path: Path, study: str) -> Worker:
-    return Worker(WorkerSettings(server=server.address, study_name=study, threads_per_trial=1,
-                                 work_dir=tmp_path / "work", worker_id="w-test", poll_interval=0.2))
+    return Worker(
+        WorkerSettings(
+            server=server.address,
+            study_name=study,
+            threads_per_trial=1,
+            work_dir=tmp_path / "work",
+            worker_id="w-test",
+            poll_interval=0.2,
+        )
+    )
 
 
 def test_tiny_lora_trials_land_in_mlflow_with_real_objectives(

@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = STAGE_RUNNERS.get(a.stage)
     if runner is None:
         if rank0:
-            TrialResult("error", reason=f"no runner for stage {a.stage!r}").write(Path(a.result_path))
+            TrialResult("error", reason=f"no runner for stage {a.stage!r}").write(
+                Path(a.result_path)
+            )
         return 1
     reporter: Reporter = (
         GrpcReporter(a.server, a.trial_id, a.worker_id) if a.server and rank0 else NullReporter()
@@ -53,9 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
         if rank0:
-            status = "out_of_memory" if oom else "error"
-            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-            TrialResult(status, reason=reason[-6000:]).write(Path(a.result_path))
+            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"[-6000:]
+            failed = TrialResult("out_of_memory" if oom else "error", reason=reason)
+            failed.write(Path(a.result_path))
         if oom:
             return 3
         raise

@@ -60,7 +60,7 @@ def _broadcast(value: Any) -> Any:
     return value
 
 
-class RungCallback(TrainerCallback):  # type: ignore[misc]
+class RungCallback(TrainerCallback):
     """Evaluates at each rung step; rank 0 reports; all ranks stop on STOP."""
 
     def __init__(self, rung_steps: list[int], reporter: Reporter) -> None:
@@ -75,7 +75,9 @@ class RungCallback(TrainerCallback):  # type: ignore[misc]
             control.should_evaluate = True
         return control
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any) -> Any:
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
+    ) -> Any:
         step = int(state.global_step)
         if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
             return control

@@ -40,8 +40,13 @@ def _read_rows(path: Path) -> Any:
         loaded = datasets.load_from_disk(str(path))
         return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    kind = {".json": "json", ".jsonl": "json", ".jsonl.gz": "json", ".json.gz": "json",
-            ".parquet": "parquet"}.get(suffix)
+    kind = {
+        ".json": "json",
+        ".jsonl": "json",
+        ".jsonl.gz": "json",
+        ".json.gz": "json",
+        ".parquet": "parquet",
+    }.get(suffix)
     if kind is None:
         raise ValueError(f"runner.data.path: {path.name}: expected .json, .jsonl or .parquet")
     return datasets.load_dataset(kind, data_files=str(path), split="train")
@@ -63,7 +68,10 @@ def load_sft_dataset(data_cfg: dict[str, Any], seed: int) -> tuple[Any, Any]:
         raw = _read_rows(path)
         prompt_cols = list(data_cfg.get("prompt_columns", ["prompt"]))
         completion_col = str(data_cfg.get("completion_column", "completion"))
-        for field, cols in (("prompt_columns", prompt_cols), ("completion_column", [completion_col])):
+        for field, cols in (
+            ("prompt_columns", prompt_cols),
+            ("completion_column", [completion_col]),
+        ):
             for col in cols:
                 if col not in raw.column_names:
                     raise ValueError(

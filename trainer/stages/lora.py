@@ -58,7 +58,7 @@ def run_lora(a: Assignment, reporter: Reporter) -> TrialResult:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     clock = DeviceClock(devices=max(1, world))
@@ -115,14 +115,15 @@ def run_lora(a: Assignment, reporter: Reporter) -> TrialResult:
         final = dict(callback.rungs[-1]["metrics"]) if callback.rungs else {}
         if not trainer.is_world_process_zero():
             return TrialResult("complete", metrics=final, rungs=callback.rungs)
-        net = trainer.model
+        net: Any = trainer.model
         em = _exact_match(net, tokenizer, evals)
         if em is not None:
             final["exact_match"] = em
         latency = measure_decode_latency(net, tokenizer, FIXED_PROMPTS, max_new_tokens=8)
         final["decode_latency_ms"] = latency.ms_per_token
         final["ttft_ms"] = latency.ttft_ms
-        tokens = a.rung_steps[-1] * args.per_device_train_batch_size * world * args.max_length
+        tokens = a.rung_steps[-1] * int(cfg["per_device_train_batch_size"]) * world
+        tokens *= int(cfg["max_length"])  # an upper bound: sequences are padded per batch
         final["tokens_per_second"] = tokens / train_seconds if train_seconds > 0 else 0.0
     final["peak_memory_mb"] = peak_memory_mb()
     final["device_seconds"] = clock.device_seconds

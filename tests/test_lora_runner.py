@@ -1,0 +1,136 @@
+"""The trial process's parts: tiny model, data, the LoRA runner with rung reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+from trainer.assignment import Assignment
+from trainer.rungs import NullReporter
+from trainer.tasks import answer_of, load_sft_dataset, synthetic_sft
+from trainer.tiny_model import build_tiny_model, ensure_model
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+
+
+def test_tiny_model_is_built_once_and_loads_with_from_pretrained(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_model({"tiny": TINY}, tmp_path)
+    assert ensure_model({"tiny": TINY}, tmp_path) == path
+    assert build_tiny_model(Path(path)).stat().st_mtime == Path(path).stat().st_mtime
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "What is 12 plus 7? 19"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.hidden_size == 32
+
+
+def test_model_config_needs_exactly_one_source() -> None:
+    with pytest.raises(ValueError, match="runner.model"):
+        ensure_model({})
+
+
+def test_synthetic_task_is_deterministic_with_checkable_answers() -> None:
+    rows = synthetic_sft(20, seed=3)
+    assert rows == synthetic_sft(20, seed=3)
+    for row in rows:
+        a, b = (int(x) for x in row["prompt"].removeprefix("What is ").rstrip("?").split(" plus "))
+        assert answer_of(row["completion"]) == str(a + b)
+
+
+def test_local_jsonl_with_a_column_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"q": f"q{i}", "ctx": "", "a": f"a{i}"}) for i in range(20))
+    )
+    cfg = {
+        "path": str(path),
+        "prompt_columns": ["q", "ctx"],
+        "completion_column": "a",
+        "train_size": 15,
+        "eval_size": 3,
+    }
+    train, evals = load_sft_dataset(cfg, seed=0)
+    assert (len(train), len(evals)) == (15, 3)
+    row = train[0]
+    assert row["prompt"].startswith("q") and row["completion"].startswith(" a")
+
+
+def test_a_missing_column_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"q": "x", "a": "y"}))
+    with pytest.raises(ValueError, match=r"runner.data.completion_column: column 'answer'"):
+        load_sft_dataset(
+            {"path": str(path), "prompt_columns": ["q"], "completion_column": "answer"}, 0
+        )
+
+
+def test_gsm8k_loads_with_the_alpaca_mapping() -> None:
+    path = SHARED_DATA / "gsm8k-train-alpaca.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
+    cfg = {
+        "path": str(path),
+        "prompt_columns": ["instruction", "input"],
+        "completion_column": "output",
+        "train_size": 40,
+        "eval_size": 8,
+    }
+    train, evals = load_sft_dataset(cfg, seed=0)
+    assert len(train) == 40 and len(evals) == 8
+    assert answer_of(train[0]["completion"]) is not None
+
+
+def _assignment(tmp_path: Path) -> Assignment:
+    return Assignment(
+        trial_id=1,
+        study_name="s",
+        number=0,
+        attempt=1,
+        stage="lora",
+        params={"learning_rate": 5e-3, "lora_r": 4},
+        runner={
+            "model": {"tiny": TINY},
+            "cache_dir": str(tmp_path / "cache"),
+            "data": {"synthetic": "arithmetic", "train_size": 32, "eval_size": 8},
+            "training": {"per_device_train_batch_size": 4, "max_length": 32},
+        },
+        rung_steps=[2, 4],
+        objectives=["eval_loss"],
+        output_dir=str(tmp_path / "out"),
+        result_path=str(tmp_path / "result.json"),
+    )
+
+
+def test_run_lora_reports_each_rung_and_measures_every_objective(tmp_path: Path) -> None:
+    from trainer.stages.lora import run_lora
+
+    reporter = NullReporter()
+    result = run_lora(_assignment(tmp_path), reporter)
+    assert result.status == "complete"
+    assert [step for step, _ in reporter.calls] == [2, 4]
+    m = result.metrics
+    assert m["eval_loss"] == reporter.calls[-1][1]["eval_loss"]
+    for key in ("decode_latency_ms", "ttft_ms", "peak_memory_mb", "device_seconds"):
+        assert m[key] > 0, key
+    assert 0.0 <= m["exact_match"] <= 1.0
+
+
+class _StopAtFirstRung(NullReporter):
+    def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        super().report(step, metrics)
+        return True, "dominated at rung 2"
+
+
+def test_a_stop_decision_ends_training_at_that_rung(tmp_path: Path) -> None:
+    from trainer.stages.lora import run_lora
+
+    reporter = _StopAtFirstRung()
+    result = run_lora(_assignment(tmp_path), reporter)
+    assert result.status == "stopped" and result.reason == "dominated at rung 2"
+    assert [r["step"] for r in result.rungs] == [2]
+    assert len(reporter.calls) == 1
