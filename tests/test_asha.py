@@ -1,0 +1,42 @@
+"""MO-ASHA rung decisions on hand-worked fronts (server/asha.py)."""
+
+from __future__ import annotations
+
+from server.asha import rung_decision
+
+MIN2 = ["minimize", "minimize"]
+
+
+def test_every_trial_continues_until_a_rung_has_reduction_factor_reports() -> None:
+    d = rung_decision([9.0, 9.0], [[1.0, 1.0]], MIN2, reduction_factor=3)
+    assert not d.stop and d.n == 2
+    assert d.dominated_by == (0,)
+
+
+def test_a_dominated_trial_is_stopped_when_the_top_third_is_full() -> None:
+    # Front 1: (1,3), (3,1); the new (2,2) is also on front 1, (4,4) is dominated by all.
+    others = [[1.0, 3.0], [3.0, 1.0], [2.0, 2.0]]
+    d = rung_decision([4.0, 4.0], others, MIN2, reduction_factor=2)
+    assert d.stop and d.rank == 2 and d.keep == 2 and d.n == 4
+    assert d.dominated_by == (0, 1, 2)
+
+
+def test_within_a_front_crowding_distance_breaks_the_tie() -> None:
+    # All four on one front; (2,2.1) and (2.1,2) are crowded inner points, boundaries are not.
+    others = [[1.0, 4.0], [4.0, 1.0], [2.0, 2.1]]
+    inner = rung_decision([2.1, 2.0], others, MIN2, reduction_factor=2)
+    assert inner.rank == 1 and inner.stop  # keep 2: the two boundary points win
+    boundary = rung_decision([0.5, 5.0], [[4.0, 1.0], [2.0, 2.1], [2.1, 2.0]], MIN2, 2)
+    assert not boundary.stop
+
+
+def test_a_single_objective_is_plain_asha() -> None:
+    others = [[3.0], [1.0], [2.0]]
+    assert not rung_decision([0.5], others, ["minimize"], 3).stop  # best of 4, keep 2
+    assert rung_decision([2.5], others, ["minimize"], 3).stop  # third of 4
+    assert not rung_decision([2.5], others, ["maximize"], 3).stop  # flipped: second of 4
+
+
+def test_exact_ties_do_not_let_a_trial_jump_ahead_of_earlier_ones() -> None:
+    d = rung_decision([1.0, 1.0], [[1.0, 1.0], [1.0, 1.0]], MIN2, reduction_factor=2)
+    assert d.stop and d.position == 2
