@@ -18,10 +18,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stagetune.v1 import study_service_pb2 as ss
-from stagetune.v1 import study_service_pb2_grpc as ss_grpc
-from stagetune.v1 import worker_service_pb2 as ws
-from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
 
 from server.interceptor import ErrorInterceptor
 from server.policy import OptunaPolicy
@@ -29,6 +25,10 @@ from server.service import StudyService
 from server.servicer import StudyServicer, WorkerServicer
 from server.storage import StudyStore, default_storage_url
 from server.tracking import MlflowTracker, NullTracker, Tracker
+from stagetune.v1 import study_service_pb2 as ss
+from stagetune.v1 import study_service_pb2_grpc as ss_grpc
+from stagetune.v1 import worker_service_pb2 as ws
+from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
 
 __all__ = ["ServerSettings", "StagetuneServer", "make_server", "run_server"]
 

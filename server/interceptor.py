@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
 from stagetune.errors import StagetuneError, status_of
 
 __all__ = ["ErrorInterceptor"]

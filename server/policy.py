@@ -20,11 +20,12 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
-from stagetune.spec import CategoricalParam, FloatParam, ParamValue, StudySpec
 
 from server import storage as st
+from server.asha import rung_decision
 from server.records import TrialRecord
 from server.storage import StudyStore, storage_errors
+from stagetune.spec import CategoricalParam, FloatParam, ParamValue, StudySpec
 
 __all__ = ["OptunaPolicy", "make_sampler", "distributions_of"]
 
@@ -127,7 +128,34 @@ class OptunaPolicy:
     ) -> tuple[bool, str]:
         """Continue or stop a trial after a rung report: (stop?, reason).
 
-        The rung report is already recorded. This version stops nothing on its own; a
-        stopped study stops its trials in the study service.
+        With ``early_stopping: mo_asha``: MO-ASHA (server/asha.py) over the study's
+        objectives that the rung report carries (eval_loss and peak_memory_mb, say; decode
+        latency is only measured at the end), against every other trial of the study that
+        reported at the same step. The last rung always continues: the trial then
+        completes with its full measurements.
         """
-        return False, ""
+        rungs = spec.fidelity.rungs()
+        if spec.early_stopping != "mo_asha" or step not in rungs[:-1]:
+            return False, ""
+        objectives = [o for o in spec.objectives if o.metric in metrics]
+        if not objectives:
+            return False, ""
+        names = [o.metric for o in objectives]
+        others: list[list[float]] = []
+        other_ids: list[int] = []
+        for t in self._store.trials(spec.name):
+            at_step = next((r for r in t.rungs if r.step == step), None)
+            if t.trial_id != trial.trial_id and at_step and set(names) <= set(at_step.metrics):
+                others.append([at_step.metrics[n] for n in names])
+                other_ids.append(t.trial_id)
+        own = [metrics[n] for n in names]
+        directions = [o.direction for o in objectives]
+        d = rung_decision(own, others, directions, spec.fidelity.reduction_factor)
+        if not d.stop:
+            return False, ""
+        beaten = ", ".join(str(other_ids[i]) for i in d.dominated_by[:10]) or "none"
+        return True, (
+            f"stopped at rung {step}: place {d.position + 1} of {d.n} (top {d.keep} continue) "
+            f"by non-dominated sorting on {', '.join(names)}; front rank {d.rank}; "
+            f"dominated by trials {beaten}"
+        )

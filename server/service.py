@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
-from stagetune.spec import StudySpec, validate_spec
-
 from objectives.pareto import default_reference, hypervolume, knee_point, non_dominated_ranks
 from server import storage as st
 from server.policy import OptunaPolicy
 from server.records import StudyRecord, TrialRecord, TrialStateName
 from server.storage import StudyStore
 from server.tracking import NullTracker, Tracker
+from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
+from stagetune.spec import StudySpec, validate_spec
 
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
 

@@ -6,6 +6,9 @@ from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
+from server.service import Acquired, StudyService
 from stagetune.errors import InvalidArgument
 from stagetune.spec import spec_from_proto, spec_to_proto, value_to_proto
 from stagetune.v1 import study_service_pb2 as ss
@@ -13,9 +16,6 @@ from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
-
-from server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
-from server.service import Acquired, StudyService
 
 __all__ = ["StudyServicer", "WorkerServicer", "study_to_proto", "trial_to_proto"]
 

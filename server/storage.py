@@ -21,11 +21,11 @@ import optuna
 import sqlalchemy.exc
 from google.protobuf import json_format
 from optuna.trial import FrozenTrial, TrialState
+
+from server.records import RungRecord, StudyRecord, StudyStateName, TrialRecord, TrialStateName
 from stagetune.errors import AlreadyExists, NotFound, Unavailable
 from stagetune.spec import StudySpec, spec_from_proto, spec_to_proto
 from stagetune.v1 import types_pb2 as pb
-
-from server.records import RungRecord, StudyRecord, StudyStateName, TrialRecord, TrialStateName
 
 __all__ = ["StudyStore", "storage_errors", "default_storage_url"]
 

@@ -22,9 +22,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from stagetune.spec import StudySpec
-
 from server.records import TrialRecord
+from stagetune.spec import StudySpec
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker"]
 
@@ -223,6 +222,7 @@ class MlflowTracker:
                 for key, value in _flat_params(spec).items():
                     self._client.log_param(run_id, key, value)
                 from google.protobuf import json_format
+
                 from stagetune.spec import spec_to_proto
 
                 self._client.log_dict(

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import StudySpec, load_spec_file
 
 from server.app import ServerSettings, StagetuneServer, make_server
+from stagetune.client import StudyClient, WorkerClient
+from stagetune.spec import StudySpec, load_spec_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

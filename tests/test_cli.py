@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stagetune.client import WorkerClient
-
 from server.app import StagetuneServer
+from stagetune.client import WorkerClient
 from tests.conftest import REPO, objective_metrics
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from server.app import StagetuneServer
 from stagetune.client import StudyClient
 from stagetune.spec import BudgetSpec, FidelitySpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
-
-from server.app import StagetuneServer
 from trainer.worker import Worker, WorkerSettings
 
 pytestmark = pytest.mark.slow

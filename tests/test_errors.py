@@ -7,11 +7,11 @@ from concurrent import futures
 
 import grpc
 import pytest
+
+from server.interceptor import ErrorInterceptor
 from stagetune import errors
 from stagetune.client import StudyClient
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
-
-from server.interceptor import ErrorInterceptor
 
 DOMAIN_ERRORS = [
     errors.InvalidArgument("search_space.lr.low", "must be > 0"),

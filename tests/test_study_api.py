@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
+from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.errors import AlreadyExists, InvalidArgument, NotFound
 from stagetune.spec import BudgetSpec, FloatParam, StudySpec, spec_to_proto
 from stagetune.v1 import types_pb2 as pb
-
-from server.app import StagetuneServer
 from tests.conftest import objective_metrics
 
 

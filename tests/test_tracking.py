@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import StudySpec
 
 from server.app import StagetuneServer
+from stagetune.client import StudyClient, WorkerClient
+from stagetune.spec import StudySpec
 from tests.conftest import objective_metrics, start_server
 
 
@@ -79,3 +79,22 @@ def test_tracking_outage_never_fails_an_rpc(
             assert list(trial.objective_values) == [1, 2, 3]
     finally:
         srv.stop(grace=0)
+
+
+def test_a_stopped_trial_run_says_why(
+    tracked_server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(lora_spec, early_stopping="mo_asha")
+    with StudyClient(tracked_server.address) as sc, WorkerClient(tracked_server.address) as wc:
+        sc.create_study(spec)
+        for worker, loss in (("w1", 2.0), ("w2", 3.0)):
+            a = wc.acquire(worker)
+            wc.report_progress(a.trial.trial_id, worker, 8, {"eval_loss": loss})
+    client, _, children = _runs(tracked_server)
+    stopped = [r for r in children if r.data.tags.get("state") == "stopped"]
+    assert len(stopped) == 1
+    assert stopped[0].info.status == "KILLED"
+    assert stopped[0].data.tags["reason"].startswith("stopped at rung 8")
+    assert stopped[0].data.metrics["eval_loss"] == 3.0

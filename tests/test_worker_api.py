@@ -6,12 +6,12 @@ import dataclasses
 import time
 
 import pytest
+
+from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagetune.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
-
-from server.app import StagetuneServer
 from tests.conftest import objective_metrics
 
 

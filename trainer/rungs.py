@@ -6,6 +6,7 @@ Rank 0 reports to the server; the decision is broadcast so every rank stops toge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from transformers import TrainerCallback
@@ -63,9 +64,15 @@ def _broadcast(value: Any) -> Any:
 class RungCallback(TrainerCallback):
     """Evaluates at each rung step; rank 0 reports; all ranks stop on STOP."""
 
-    def __init__(self, rung_steps: list[int], reporter: Reporter) -> None:
+    def __init__(
+        self,
+        rung_steps: list[int],
+        reporter: Reporter,
+        extra: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.rung_steps = set(rung_steps)
         self.reporter = reporter
+        self.extra = extra  # cheap measurements taken at each rung (e.g. peak memory so far)
         self.rungs: list[dict[str, Any]] = []
         self.stopped = False
         self.reason = ""
@@ -88,6 +95,8 @@ class RungCallback(TrainerCallback):
         }
         if "eval_loss" in values and math.isfinite(values["eval_loss"]):
             values["perplexity"] = math.exp(min(values["eval_loss"], 50.0))
+        if self.extra is not None:
+            values.update(self.extra())
         self.rungs.append({"step": step, "metrics": values})
         decision: tuple[bool, str] = (False, "")
         if state.is_world_process_zero:

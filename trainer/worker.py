@@ -27,7 +27,6 @@ from stagetune.errors import FailedPrecondition, NotFound, StagetuneError, Unava
 from stagetune.spec import spec_from_proto, value_from_proto
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
-
 from trainer.assignment import Assignment, TrialResult
 
 __all__ = ["WorkerSettings", "Worker", "TrialOutcome", "launch_command"]

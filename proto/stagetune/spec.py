@@ -29,6 +29,7 @@ from stagetune.v1 import types_pb2 as pb
 ParamValue = float | int | str | bool
 Direction = Literal["minimize", "maximize"]
 SamplerName = Literal["tpe", "nsga2", "random"]
+EarlyStoppingName = Literal["mo_asha", "none"]
 
 __all__ = [
     "ParamValue",
@@ -55,6 +56,7 @@ MAX_SPEC_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAMPLERS: tuple[SamplerName, ...] = ("tpe", "nsga2", "random")
 _DIRECTIONS: dict[str, Direction] = {"minimize": "minimize", "maximize": "maximize"}
+_EARLY_STOPPING: dict[str, EarlyStoppingName] = {"mo_asha": "mo_asha", "none": "none"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class StudySpec:
     budget: BudgetSpec
     sampler: SamplerConfig = SamplerConfig()
     runner: dict[str, Any] = field(default_factory=dict)
+    early_stopping: EarlyStoppingName = "mo_asha"
 
     @property
     def directions(self) -> list[Direction]:
@@ -240,7 +243,17 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
     """Build a typed spec from parsed YAML. Fills defaults; ``validate_spec`` checks ranges."""
     _known(
         data,
-        {"name", "stage", "search_space", "objectives", "fidelity", "budget", "sampler", "runner"},
+        {
+            "name",
+            "stage",
+            "search_space",
+            "objectives",
+            "fidelity",
+            "budget",
+            "sampler",
+            "runner",
+            "early_stopping",
+        },
         "",
     )
     name = data.get("name")
@@ -314,8 +327,19 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
     sampler = SamplerConfig(kind, None if seed is None else _number(seed, "sampler.seed", int))
 
     runner = dict(_mapping(data.get("runner"), "runner"))
+    stopping = data.get("early_stopping", "mo_asha")
+    if stopping not in _EARLY_STOPPING:
+        raise InvalidArgument("early_stopping", f"must be mo_asha or none, got {stopping!r}")
     return StudySpec(
-        name, stage, tuple(space), tuple(objectives), fidelity, budget, sampler, runner
+        name,
+        stage,
+        tuple(space),
+        tuple(objectives),
+        fidelity,
+        budget,
+        sampler,
+        runner,
+        _EARLY_STOPPING[stopping],
     )
 
 
@@ -496,6 +520,16 @@ _SAMPLER_TO_PB = {
 _SAMPLER_FROM_PB: dict[int, SamplerName] = {v: k for k, v in _SAMPLER_TO_PB.items()}  # type: ignore[misc]
 
 
+_STOPPING_TO_PB = {
+    "none": pb.EARLY_STOPPING_NONE,
+    "mo_asha": pb.EARLY_STOPPING_MO_ASHA,
+}
+_STOPPING_FROM_PB: dict[int, EarlyStoppingName] = {
+    pb.EARLY_STOPPING_NONE: "none",
+    pb.EARLY_STOPPING_MO_ASHA: "mo_asha",
+}
+
+
 def value_to_proto(value: ParamValue) -> pb.ParameterValue:
     if isinstance(value, bool):
         return pb.ParameterValue(bool_value=value)
@@ -543,6 +577,7 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
         if o.reference is not None:
             om.reference = o.reference
     msg.runner.update(_jsonable(spec.runner))
+    msg.early_stopping = _STOPPING_TO_PB[spec.early_stopping]
     return msg
 
 
@@ -597,6 +632,8 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
     else:
         raise InvalidArgument("sampler.kind", f"unknown sampler {msg.sampler.kind}")
     runner = _restore_ints(json_format.MessageToDict(msg.runner)) if msg.HasField("runner") else {}
+    if msg.early_stopping not in _STOPPING_FROM_PB:
+        raise InvalidArgument("early_stopping", "must be NONE or MO_ASHA")
     return StudySpec(
         name=msg.name,
         stage=_STAGE_FROM_PB[msg.stage],
@@ -610,4 +647,5 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
             sampler_kind, msg.sampler.seed if msg.sampler.HasField("seed") else None
         ),
         runner=runner,
+        early_stopping=_STOPPING_FROM_PB[msg.early_stopping],
     )

@@ -97,7 +97,14 @@ def run_lora(a: Assignment, reporter: Reporter) -> TrialResult:
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
         )
-        callback = RungCallback(a.rung_steps, reporter)
+        callback = RungCallback(
+            a.rung_steps,
+            reporter,
+            extra=lambda: {
+                "peak_memory_mb": peak_memory_mb(),
+                "device_seconds": clock.seconds * clock.devices,
+            },
+        )
         trainer = SFTTrainer(
             model=model,
             args=args,

@@ -33,6 +33,12 @@ class SamplerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLER_KIND_NSGA2: _ClassVar[SamplerKind]
     SAMPLER_KIND_RANDOM: _ClassVar[SamplerKind]
 
+class EarlyStopping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EARLY_STOPPING_UNSPECIFIED: _ClassVar[EarlyStopping]
+    EARLY_STOPPING_NONE: _ClassVar[EarlyStopping]
+    EARLY_STOPPING_MO_ASHA: _ClassVar[EarlyStopping]
+
 class StudyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STUDY_STATE_UNSPECIFIED: _ClassVar[StudyState]
@@ -74,6 +80,9 @@ SAMPLER_KIND_UNSPECIFIED: SamplerKind
 SAMPLER_KIND_TPE: SamplerKind
 SAMPLER_KIND_NSGA2: SamplerKind
 SAMPLER_KIND_RANDOM: SamplerKind
+EARLY_STOPPING_UNSPECIFIED: EarlyStopping
+EARLY_STOPPING_NONE: EarlyStopping
+EARLY_STOPPING_MO_ASHA: EarlyStopping
 STUDY_STATE_UNSPECIFIED: StudyState
 STUDY_STATE_RUNNING: StudyState
 STUDY_STATE_STOPPED: StudyState
@@ -183,7 +192,7 @@ class Budget(_message.Message):
     def __init__(self, max_trials: _Optional[int] = ..., max_retries: _Optional[int] = ...) -> None: ...
 
 class StudySpec(_message.Message):
-    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner")
+    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner", "early_stopping")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +201,7 @@ class StudySpec(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     RUNNER_FIELD_NUMBER: _ClassVar[int]
+    EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: Stage
     search_space: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
@@ -200,7 +210,8 @@ class StudySpec(_message.Message):
     sampler: SamplerSpec
     budget: Budget
     runner: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    early_stopping: EarlyStopping
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, str]] = ...) -> None: ...
 
 class TrialCounts(_message.Message):
     __slots__ = ("waiting", "running", "complete", "stopped", "failed")

@@ -1,0 +1,83 @@
+"""MO-ASHA through a live server: who is stopped at a rung, and why it is visible."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from stagetune.client import StudyClient, WorkerClient
+from stagetune.errors import FailedPrecondition
+from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.v1 import types_pb2 as pb
+
+
+@pytest.fixture
+def asha_spec(study_client: StudyClient, lora_spec: StudySpec) -> StudySpec:
+    spec = dataclasses.replace(lora_spec, early_stopping="mo_asha", budget=BudgetSpec(8, 0))
+    study_client.create_study(spec)
+    return spec
+
+
+def _report(
+    wc: WorkerClient, worker: str, step: int, loss: float, memory: float
+) -> tuple[int, bool, str]:
+    a = wc.acquire(worker)
+    d = wc.report_progress(
+        a.trial.trial_id, worker, step, {"eval_loss": loss, "peak_memory_mb": memory}
+    )
+    return a.trial.trial_id, d.stop, d.reason
+
+
+def test_a_dominated_trial_is_stopped_at_the_first_rung_with_its_reason(
+    worker_client: WorkerClient, study_client: StudyClient, asha_spec: StudySpec
+) -> None:
+    good, stop_good, _ = _report(worker_client, "w1", 8, 2.0, 500.0)
+    bad, stop_bad, reason = _report(worker_client, "w2", 8, 3.0, 600.0)
+    assert not stop_good  # alone at the rung: no evidence to stop on
+    assert stop_bad
+    assert "stopped at rung 8" in reason and f"dominated by trials {good}" in reason
+    trials = {t.trial_id: t for t in study_client.list_trials(asha_spec.name)}
+    assert trials[bad].state == pb.TRIAL_STATE_STOPPED
+    assert trials[bad].reason == reason
+    assert trials[good].state == pb.TRIAL_STATE_RUNNING
+    with pytest.raises(FailedPrecondition):  # a stopped trial cannot complete afterwards
+        worker_client.complete(
+            bad, "w2", {"eval_loss": 1, "decode_latency_ms": 1, "peak_memory_mb": 1}
+        )
+
+
+def test_a_trial_on_the_front_with_room_at_the_rung_continues(
+    worker_client: WorkerClient, asha_spec: StudySpec
+) -> None:
+    _report(worker_client, "w1", 8, 2.0, 500.0)
+    _report(worker_client, "w2", 8, 3.0, 600.0)  # stopped: n=2 keeps 1
+    _, stop, _ = _report(worker_client, "w3", 8, 1.0, 450.0)  # dominates both: first of 3
+    assert not stop
+
+
+def test_the_last_rung_always_continues(worker_client: WorkerClient, asha_spec: StudySpec) -> None:
+    _report(worker_client, "w1", 32, 1.0, 400.0)
+    _, stop, _ = _report(worker_client, "w2", 32, 9.0, 900.0)
+    assert not stop
+
+
+def test_with_early_stopping_off_every_trial_continues(
+    worker_client: WorkerClient, study_client: StudyClient, lora_spec: StudySpec
+) -> None:
+    assert lora_spec.early_stopping == "none"  # the demo config runs every trial fully
+    study_client.create_study(lora_spec)
+    _report(worker_client, "w1", 8, 2.0, 500.0)
+    _, stop, _ = _report(worker_client, "w2", 8, 3.0, 600.0)
+    assert not stop
+
+
+def test_status_shows_why_a_trial_was_stopped(
+    worker_client: WorkerClient, study_client: StudyClient, asha_spec: StudySpec
+) -> None:
+    from stagetune.cli import render_status
+
+    _report(worker_client, "w1", 8, 2.0, 500.0)
+    _report(worker_client, "w2", 8, 3.0, 600.0)
+    text = render_status(study_client, asha_spec.name)
+    assert "stopped / failed:" in text and "stopped at rung 8" in text
