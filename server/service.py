@@ -8,6 +8,7 @@ tracker is told afterwards and its failures never reach the caller.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -175,16 +176,22 @@ class StudyService:
                 attrs = {st.WORKER: worker_id, st.LEASE: self._lease_until()}
                 trial_id = self.policy.ask(fresh.spec, attrs)
                 trial = self.store.trial(trial_id)
-            run_id = self.tracker.trial_started(fresh.spec, trial)
-            if run_id:
-                self.store.set_trial_attrs(trial_id, {st.RUN_ID: run_id})
-                trial = dataclasses.replace(trial, mlflow_run_id=run_id)
+            self.tracker.trial_started(
+                fresh.spec, trial, functools.partial(self._record_run_id, trial_id)
+            )
             return self._acquired(fresh.spec, trial)
         if study_name:
             reason = f"study {study_name!r} has no trial to hand out ({studies[0].state})"
         else:
             reason = "no running study has a trial to hand out"
         return NoWork(self.retry_after, reason)
+
+    def _record_run_id(self, trial_id: int, run_id: str) -> None:
+        # Runs on the tracker thread once MLflow has made the run; the acquire did not wait.
+        # A trial that finished first keeps no run id: its run is found by its
+        # stagetune.trial_id tag.
+        if run_id:
+            self.store.annotate_trial(trial_id, {st.RUN_ID: run_id})
 
     def _acquired(self, spec: StudySpec, trial: TrialRecord) -> Acquired:
         return Acquired(trial, spec, spec.fidelity.rungs(), self.lease_seconds)

@@ -274,6 +274,16 @@ class StudyStore:
             self.optuna_storage.set_trial_user_attr(trial_id, key, value)
 
     @storage_errors
+    def annotate_trial(self, trial_id: int, attrs: dict[str, Any]) -> bool:
+        """Like ``set_trial_attrs``, but a trial that already finished is left as it is
+        (Optuna freezes finished trials); returns whether the attributes were written."""
+        try:
+            self.set_trial_attrs(trial_id, attrs)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    @storage_errors
     def record_rung(self, trial_id: int, step: int, metrics: dict[str, float]) -> None:
         self.optuna_storage.set_trial_user_attr(
             trial_id, f"{RUNG_PREFIX}{step}", {"metrics": metrics, "time": _now().timestamp()}

@@ -17,6 +17,8 @@ import csv
 import logging
 import math
 import tempfile
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -40,8 +42,10 @@ class Tracker(Protocol):
         """Experiment id and parent run id ("" when unknown)."""
         ...
 
-    def trial_started(self, spec: StudySpec, trial: TrialRecord) -> str:
-        """Child run id ("" when unknown)."""
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        """Open the trial's child run without waiting; ``on_run_id`` gets its id."""
         ...
 
     def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None: ...
@@ -65,8 +69,10 @@ class NullTracker:
     def study_created(self, spec: StudySpec) -> tuple[str, str]:
         return "", ""
 
-    def trial_started(self, spec: StudySpec, trial: TrialRecord) -> str:
-        return ""
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        pass
 
     def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None:
         pass
@@ -126,6 +132,10 @@ class MlflowTracker:
         self._parents: dict[str, str] = {}
         self._children: dict[int, str] = {}
         self._tags: dict[str, tuple[str, str]] = {}
+        # Front updates queued per study: only the newest rewrites tags and artifacts, so a
+        # burst of completions costs one plot, not one per completion.
+        self._pending_fronts: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
 
     # ------------------------------------------------------------ plumbing
 
@@ -170,8 +180,14 @@ class MlflowTracker:
     def study_created(self, spec: StudySpec) -> tuple[str, str]:
         return self._wait(self._submit(self._parent, spec), ("", ""))
 
-    def trial_started(self, spec: StudySpec, trial: TrialRecord) -> str:
-        return self._wait(self._submit(self._start_child, spec, trial), "")
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        def start() -> None:
+            on_run_id(self._start_child(spec, trial))
+
+        start.__name__ = "trial_started"
+        self._submit(start)
 
     def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None:
         self._submit(self._log_progress, trial, step, metrics)
@@ -182,6 +198,8 @@ class MlflowTracker:
     def front_changed(
         self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
     ) -> None:
+        with self._pending_lock:
+            self._pending_fronts[spec.name] = self._pending_fronts.get(spec.name, 0) + 1
         self._submit(self._update_front, spec, trials, hypervolume, n_complete)
 
     # ------------------------------------------------------------ MLflow work (tracker thread)
@@ -290,7 +308,13 @@ class MlflowTracker:
     def _update_front(
         self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
     ) -> None:
+        with self._pending_lock:
+            self._pending_fronts[spec.name] -= 1
+            superseded = self._pending_fronts[spec.name] > 0
         _, parent = self._parent(spec)
+        self._client.log_metric(parent, "hypervolume", hypervolume, step=n_complete)
+        if superseded:
+            return
         for t in trials:
             run_id = self._child(spec, t)
             tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
@@ -298,7 +322,6 @@ class MlflowTracker:
                 self._client.set_tag(run_id, "pareto_front", tags[0])
                 self._client.set_tag(run_id, "pareto_rank", tags[1])
                 self._tags[run_id] = tags
-        self._client.log_metric(parent, "hypervolume", hypervolume, step=n_complete)
         front = sorted((t for t in trials if t.pareto_rank == 1), key=lambda t: t.values)
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = Path(tmp) / "pareto_front.csv"
