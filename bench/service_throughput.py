@@ -1,0 +1,189 @@
+"""Service throughput: K polling workers running zero-cost trials, side by side.
+
+Compares, in one run, on the same machine, sampler and storage kind:
+  stagetune     workers -> stagetune server (server-side sampling) -> SQLite
+  optuna-proxy  workers sample locally -> Optuna GrpcStorageProxy -> SQLite
+  optuna-rdb    workers sample locally -> SQLite directly
+Each worker is its own process and loops acquire/ask -> complete/tell with random
+3-objective results (multi-objective TPE, constant liar) until the budget is spent.
+Reports trials/s and acquire (ask) latency p50/p99.
+
+    .venv/bin/python bench/service_throughput.py --workers 4 16 --trials 100 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DIRECTIONS = ["minimize", "minimize", "minimize"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _search_space() -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    return {
+        "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
+        "lora_r": IntDistribution(2, 32, log=True),
+        "lora_alpha": CategoricalDistribution([8, 16, 32, 64]),
+        "lora_dropout": FloatDistribution(0.0, 0.2),
+    }
+
+
+def _values(rng: random.Random) -> list[float]:
+    return [rng.uniform(1, 5), rng.uniform(1, 10), rng.uniform(100, 800)]
+
+
+def _stagetune_worker(address: str, study: str, wid: int, out: Any) -> None:
+    from stagetune.client import WorkerClient
+    from stagetune.v1 import worker_service_pb2 as ws
+
+    rng = random.Random(wid)
+    lat: list[float] = []
+    with WorkerClient(address, timeout=60) as client:
+        while True:
+            t = time.perf_counter()
+            got = client.acquire(f"bench-{wid}", study_name=study)
+            lat.append(time.perf_counter() - t)
+            if isinstance(got, ws.NoTrial):
+                lat.pop()
+                break
+            v = _values(rng)
+            metrics = {"eval_loss": v[0], "decode_latency_ms": v[1], "peak_memory_mb": v[2]}
+            client.complete(got.trial.trial_id, f"bench-{wid}", metrics)
+    out.put(lat)
+
+
+def _optuna_worker(
+    storage_spec: tuple[str, Any], study: str, wid: int, left: Any, out: Any
+) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kind, where = storage_spec
+    storage: Any
+    if kind == "proxy":
+        storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
+    else:
+        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": {"timeout": 60}})
+    sampler = optuna.samplers.TPESampler(seed=wid, multivariate=True, constant_liar=True)
+    s = optuna.load_study(study_name=study, storage=storage, sampler=sampler)
+    rng = random.Random(wid)
+    lat: list[float] = []
+    space = _search_space()
+    while True:
+        with left.get_lock():
+            if left.value <= 0:
+                break
+            left.value -= 1
+        t = time.perf_counter()
+        trial = s.ask(space)
+        lat.append(time.perf_counter() - t)
+        s.tell(trial, _values(rng))
+    out.put(lat)
+
+
+def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_of(i, ctx), out)) for i in range(k)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    lat: list[float] = []
+    for _ in procs:
+        lat += out.get()
+    for p in procs:
+        p.join()
+    return time.perf_counter() - start, lat
+
+
+def bench_stagetune(tmp: Path, k: int, n: int) -> tuple[float, list[float]]:
+    import dataclasses
+
+    from server.app import ServerSettings, make_server
+    from stagetune.client import StudyClient
+    from stagetune.spec import BudgetSpec, load_spec_file
+
+    spec = load_spec_file(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
+    spec = dataclasses.replace(spec, name="bench", budget=BudgetSpec(n, 0))
+    server = make_server(ServerSettings(port=0, data_dir=tmp, tracking_uri="")).start()
+    try:
+        with StudyClient(server.address) as sc:
+            sc.create_study(spec)
+        return _run_workers(_stagetune_worker, lambda i, ctx: (server.address, "bench", i), k)
+    finally:
+        server.stop(0)
+
+
+def bench_optuna(tmp: Path, k: int, n: int, proxy: bool) -> tuple[float, list[float]]:
+    import optuna
+    from optuna.storages._grpc.server import make_server
+
+    url = f"sqlite:///{tmp / 'optuna.db'}"
+    rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
+    server = None
+    spec: tuple[str, Any] = ("rdb", url)
+    if proxy:
+        port = _free_port()
+        server = make_server(rdb, "127.0.0.1", port)
+        server.start()
+        spec = ("proxy", port)
+    ctx = mp.get_context("spawn")
+    left = ctx.Value("i", n)
+    try:
+        return _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left), k)
+    finally:
+        if server is not None:
+            server.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--trials", type=int, nargs="+", default=[100])
+    parser.add_argument("--systems", nargs="+", default=["stagetune", "optuna-proxy", "optuna-rdb"])
+    args = parser.parse_args()
+    rows = []
+    for n in args.trials:
+        for k in args.workers:
+            for system in args.systems:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if system == "stagetune":
+                        wall, lat = bench_stagetune(Path(tmp), k, n)
+                    else:
+                        wall, lat = bench_optuna(Path(tmp), k, n, proxy=system == "optuna-proxy")
+                q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+                row = (n, k, system, len(lat) / wall, q[49] * 1e3, q[98] * 1e3)
+                rows.append(row)
+                print(
+                    f"trials={n:5d} workers={k:3d} {system:13s} {row[3]:7.1f} trials/s  "
+                    f"acquire p50 {row[4]:7.1f} ms  p99 {row[5]:7.1f} ms",
+                    flush=True,
+                )
+    print("\n| trials | workers | system | trials/s | acquire p50 (ms) | acquire p99 (ms) |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for n, k, system, tps, p50, p99 in rows:
+        print(f"| {n} | {k} | {system} | {tps:.1f} | {p50:.1f} | {p99:.1f} |")
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()
