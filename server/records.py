@@ -12,7 +12,14 @@ from stagetune.spec import ParamValue, StudySpec
 StudyStateName = Literal["running", "stopped", "done"]
 TrialStateName = Literal["waiting", "running", "complete", "stopped", "failed"]
 
-__all__ = ["StudyStateName", "TrialStateName", "RungRecord", "TrialRecord", "StudyRecord"]
+__all__ = [
+    "StudyStateName",
+    "TrialStateName",
+    "RungRecord",
+    "TrialRecord",
+    "StudyRecord",
+    "StudyHead",
+]
 
 
 @dataclass(frozen=True)
@@ -53,3 +60,12 @@ class StudyRecord:
     mlflow_experiment_id: str = ""
     mlflow_run_id: str = ""
     hypervolume: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyHead:
+    """What the per-trial calls need of a study, read without loading its trials."""
+
+    spec: StudySpec
+    state: StudyStateName  # as stored: running or stopped ("done" is derived from trials)
+    reference: tuple[float, ...] | None = None

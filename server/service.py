@@ -21,7 +21,7 @@ from typing import Literal
 from objectives.pareto import default_reference, hypervolume, knee_point, non_dominated_ranks
 from server import storage as st
 from server.policy import OptunaPolicy
-from server.records import StudyRecord, TrialRecord, TrialStateName
+from server.records import StudyHead, StudyRecord, TrialRecord, TrialStateName
 from server.storage import StudyStore
 from server.tracking import NullTracker, Tracker
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -196,14 +196,14 @@ class StudyService:
     def _acquired(self, spec: StudySpec, trial: TrialRecord) -> Acquired:
         return Acquired(trial, spec, spec.fidelity.rungs(), self.lease_seconds)
 
-    def _held(self, trial_id: int, worker_id: str) -> tuple[StudyRecord, TrialRecord]:
+    def _held(self, trial_id: int, worker_id: str) -> tuple[StudyHead, TrialRecord]:
         """The trial and its study, if ``worker_id`` holds it and it is still running."""
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
         trial = self.store.trial(trial_id)
         if not trial.study_name:
             raise NotFound(f"trial {trial_id} not found")
-        study = self.store.get_study(trial.study_name)
+        study = self.store.study_head(trial.study_name)
         if trial.state != "running":
             raise FailedPrecondition(f"trial {trial_id} is {trial.state}, not running")
         if trial.worker_id != worker_id:
@@ -268,7 +268,7 @@ class StudyService:
             self._update_front(study)
         return trial
 
-    def _update_front(self, study: StudyRecord) -> None:
+    def _update_front(self, study: StudyHead) -> None:
         spec = study.spec
         reference = study.reference
         ranked = self._ranked(spec, self.store.trials(spec.name, ["complete"]))
@@ -306,7 +306,7 @@ class StudyService:
             )
 
     def _fail_locked(
-        self, study: StudyRecord, trial: TrialRecord, reason: str, *, requeue: bool
+        self, study: StudyHead | StudyRecord, trial: TrialRecord, reason: str, *, requeue: bool
     ) -> tuple[TrialRecord, bool]:
         spec = study.spec
         self.store.set_trial_attrs(trial.trial_id, {st.REASON: reason[:8000]})

@@ -22,7 +22,14 @@ import sqlalchemy.exc
 from google.protobuf import json_format
 from optuna.trial import FrozenTrial, TrialState
 
-from server.records import RungRecord, StudyRecord, StudyStateName, TrialRecord, TrialStateName
+from server.records import (
+    RungRecord,
+    StudyHead,
+    StudyRecord,
+    StudyStateName,
+    TrialRecord,
+    TrialStateName,
+)
 from stagetune.errors import AlreadyExists, NotFound, Unavailable
 from stagetune.spec import StudySpec, spec_from_proto, spec_to_proto
 from stagetune.v1 import types_pb2 as pb
@@ -113,6 +120,7 @@ class StudyStore:
                 # WAL lets readers proceed while one writer commits; it persists in the file.
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         self._create_lock = threading.Lock()
+        self._specs: dict[str, StudySpec] = {}  # parsed spec by its JSON: specs never change
 
     # ------------------------------------------------------------ studies
 
@@ -152,8 +160,28 @@ class StudyStore:
                 raise
         return self.get_study(spec.name), True
 
+    def _spec(self, spec_json: str) -> StudySpec:
+        spec = self._specs.get(spec_json)
+        if spec is None:
+            spec = spec_from_proto(json_format.Parse(spec_json, pb.StudySpec()))
+            self._specs[spec_json] = spec
+        return spec
+
+    @storage_errors
+    def study_head(self, name: str) -> StudyHead:
+        """Spec, stored state and reference of a study, without reading its trials."""
+        attrs = self.optuna_storage.get_study_user_attrs(self._study_id(name))
+        if _SPEC not in attrs:
+            raise NotFound(f"study {name!r} not found")
+        ref = attrs.get(_REFERENCE)
+        return StudyHead(
+            self._spec(attrs[_SPEC]),
+            attrs.get(_STATE, "running"),
+            tuple(ref) if ref is not None else None,
+        )
+
     def _record(self, study_id: int, name: str, attrs: dict[str, Any]) -> StudyRecord:
-        spec = spec_from_proto(json_format.Parse(attrs[_SPEC], pb.StudySpec()))
+        spec = self._spec(attrs[_SPEC])
         trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
         counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)
         used = 0
