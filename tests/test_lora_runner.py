@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,30 @@ def test_a_stop_decision_ends_training_at_that_rung(tmp_path: Path) -> None:
     assert result.status == "stopped" and result.reason == "dominated at rung 2"
     assert [r["step"] for r in result.rungs] == [2]
     assert len(reporter.calls) == 1
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_one_trial_and_count_two_devices(tmp_path: Path) -> None:
+    import subprocess
+
+    from trainer.assignment import TrialResult
+    from trainer.worker import launch_command
+
+    a = _assignment(tmp_path)
+    path = tmp_path / "assignment.json"
+    a.write(path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        launch_command(path, processes=2, cpu=True),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = TrialResult.read(Path(a.result_path))
+    assert result.status == "complete"
+    assert [r["step"] for r in result.rungs] == [2, 4]
+    # Both processes count: device-seconds are twice the trial's wall seconds.
+    m = result.metrics
+    assert m["device_seconds"] == pytest.approx(2 * m["wall_seconds"], rel=1e-6)

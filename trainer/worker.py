@@ -64,10 +64,12 @@ def launch_command(assignment_path: Path, processes: int, cpu: bool) -> list[str
     """The ``accelerate launch`` command that starts one trial on ``processes`` ranks."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if cpu:
-        cmd.append("--cpu")
-    elif processes > 1:
+    if processes > 1:
+        # accelerate's --cpu always starts one process; its torchrun launcher starts N, and
+        # on CPU the trainer (use_cpu) joins them with gloo.
         cmd.append("--multi_gpu")
+    elif cpu:
+        cmd.append("--cpu")
     if processes > 1:
         cmd += ["--main_process_port", str(_free_port())]
     return [*cmd, "-m", "trainer.run_trial", str(assignment_path)]

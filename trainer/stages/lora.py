@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def run_lora(a: Assignment, reporter: Reporter) -> TrialResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # The launcher's WORLD_SIZE: the process group only exists once the Trainer is built.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     clock = DeviceClock(devices=max(1, world))
     with clock:
         cfg = {**DEFAULTS, **a.runner.get("training", {}), **a.params}
@@ -133,6 +135,7 @@ def run_lora(a: Assignment, reporter: Reporter) -> TrialResult:
         tokens *= int(cfg["max_length"])  # an upper bound: sequences are padded per batch
         final["tokens_per_second"] = tokens / train_seconds if train_seconds > 0 else 0.0
     final["peak_memory_mb"] = peak_memory_mb()
+    final["wall_seconds"] = clock.seconds
     final["device_seconds"] = clock.device_seconds
     final = {k: v for k, v in final.items() if math.isfinite(v) or k == "eval_loss"}
     return TrialResult("complete", metrics=final, rungs=callback.rungs)
