@@ -180,7 +180,7 @@ class StudyStore:
             tuple(ref) if ref is not None else None,
         )
 
-    def _record(self, study_id: int, name: str, attrs: dict[str, Any]) -> StudyRecord:
+    def _record(self, study_id: int, attrs: dict[str, Any]) -> StudyRecord:
         spec = self._spec(attrs[_SPEC])
         trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
         counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)
@@ -215,12 +215,12 @@ class StudyStore:
         attrs = self.optuna_storage.get_study_user_attrs(study_id)
         if _SPEC not in attrs:
             raise NotFound(f"study {name!r} not found")
-        return self._record(study_id, name, attrs)
+        return self._record(study_id, attrs)
 
     @storage_errors
     def list_studies(self) -> list[StudyRecord]:
         records = [
-            self._record(s._study_id, s.study_name, s.user_attrs)
+            self._record(s._study_id, s.user_attrs)
             for s in self.optuna_storage.get_all_studies()
             if _SPEC in s.user_attrs
         ]

@@ -24,8 +24,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from google.protobuf import json_format
+
 from server.records import TrialRecord
-from stagetune.spec import StudySpec
+from stagetune.spec import StudySpec, spec_to_proto
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker"]
 
@@ -239,10 +241,6 @@ class MlflowTracker:
                 run_id = run.info.run_id
                 for key, value in _flat_params(spec).items():
                     self._client.log_param(run_id, key, value)
-                from google.protobuf import json_format
-
-                from stagetune.spec import spec_to_proto
-
                 self._client.log_dict(
                     run_id, json_format.MessageToDict(spec_to_proto(spec)), "spec.json"
                 )
@@ -253,7 +251,7 @@ class MlflowTracker:
         run_id = self._children.get(trial.trial_id) or trial.mlflow_run_id
         if run_id:
             return run_id
-        exp, parent = self._parent(spec)
+        exp, _ = self._parent(spec)
         found = self._client.search_runs(
             [exp], filter_string=f"tags.`stagetune.trial_id` = '{trial.trial_id}'", max_results=1
         )

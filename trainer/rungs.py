@@ -88,11 +88,10 @@ class RungCallback(TrainerCallback):
         step = int(state.global_step)
         if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
             return control
-        values = {
-            k.removeprefix("eval_") if k != "eval_loss" else k: float(v)
-            for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and k in ("eval_loss",)
-        }
+        values: dict[str, float] = {}
+        loss = (metrics or {}).get("eval_loss")
+        if isinstance(loss, (int, float)):
+            values["eval_loss"] = float(loss)
         if "eval_loss" in values and math.isfinite(values["eval_loss"]):
             values["perplexity"] = math.exp(min(values["eval_loss"], 50.0))
         if self.extra is not None:

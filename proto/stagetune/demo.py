@@ -86,9 +86,10 @@ def run_demo(work: Path, config: Path, *, workers: int = 2, trials: int | None =
                     f"{c.failed} failed, {c.running} running "
                     f"[{time.monotonic() - started:.0f}s]"
                 )
-                if line.split(" [")[0] != last:
+                counts = line.split(" [")[0]
+                if counts != last:
                     print(line, flush=True)
-                    last = line.split(" [")[0]
+                    last = counts
             from stagetune.cli import render_pareto, render_status
 
             server.tracker.flush(timeout=120)
