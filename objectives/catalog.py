@@ -75,6 +75,12 @@ METRICS: dict[str, MetricDef] = _defs(
         "Training throughput: tokens processed per wall-clock second, all devices together.",
     ),
     MetricDef(
+        "parameters_m",
+        "minimize",
+        "M",
+        "Size of the trained model in millions of parameters (the proxy's width x depth).",
+    ),
+    MetricDef(
         "reward_accuracy",
         "maximize",
         "fraction",

@@ -16,16 +16,32 @@ from pathlib import Path
 from trainer.assignment import Assignment, TrialResult
 from trainer.rungs import GrpcReporter, NullReporter, Reporter
 
-__all__ = ["main", "STAGE_RUNNERS"]
+__all__ = ["main"]
 
 
-def _lora(a: Assignment, r: Reporter) -> TrialResult:
-    from trainer.stages.lora import run_lora
+def _runner(stage: str) -> Callable[[Assignment, Reporter], TrialResult] | None:
+    """The stage's runner, imported only in the trial process (it pulls in torch)."""
+    if stage == "pretrain_proxy":
+        from trainer.stages.pretrain import run_pretrain_proxy
 
-    return run_lora(a, r)
+        return run_pretrain_proxy
+    if stage == "sft":
+        from trainer.stages.sft import run_sft
 
+        return run_sft
+    if stage == "lora":
+        from trainer.stages.lora import run_lora
 
-STAGE_RUNNERS: dict[str, Callable[[Assignment, Reporter], TrialResult]] = {"lora": _lora}
+        return run_lora
+    if stage == "dpo":
+        from trainer.stages.dpo import run_dpo
+
+        return run_dpo
+    if stage == "grpo":
+        from trainer.stages.grpo import run_grpo
+
+        return run_grpo
+    return None
 
 
 def _rank() -> int:
@@ -38,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     a = Assignment.read(args.assignment)
     rank0 = _rank() == 0
-    runner = STAGE_RUNNERS.get(a.stage)
+    runner = _runner(a.stage)
     if runner is None:
         if rank0:
             TrialResult("error", reason=f"no runner for stage {a.stage!r}").write(

@@ -62,36 +62,53 @@ def _broadcast(value: Any) -> Any:
 
 
 class RungCallback(TrainerCallback):
-    """Evaluates at each rung step; rank 0 reports; all ranks stop on STOP."""
+    """Evaluates at each rung step; rank 0 reports; all ranks stop on STOP.
+
+    By default a rung runs the Trainer's own evaluation and reports the entries of
+    ``metric_map`` (Trainer key -> metric name; ``eval_loss`` unless told otherwise). A
+    stage whose quality is not an evaluation loss (GRPO's mean reward) passes ``evaluate``,
+    called on every rank at the rung step instead.
+    """
 
     def __init__(
         self,
         rung_steps: list[int],
         reporter: Reporter,
         extra: Callable[[], dict[str, float]] | None = None,
+        metric_map: dict[str, str] | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.rung_steps = set(rung_steps)
         self.reporter = reporter
         self.extra = extra  # cheap measurements taken at each rung (e.g. peak memory so far)
+        self.metric_map = metric_map if metric_map is not None else {"eval_loss": "eval_loss"}
+        self.evaluate = evaluate
         self.rungs: list[dict[str, Any]] = []
         self.stopped = False
         self.reason = ""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.global_step in self.rung_steps:
-            control.should_evaluate = True
+            if self.evaluate is None:
+                control.should_evaluate = True
+            else:
+                self._rung(state, control, self.evaluate())
         return control
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
     ) -> Any:
+        values: dict[str, float] = {}
+        for theirs, ours in self.metric_map.items():
+            value = (metrics or {}).get(theirs)
+            if isinstance(value, (int, float)):
+                values[ours] = float(value)
+        return self._rung(state, control, values)
+
+    def _rung(self, state: Any, control: Any, values: dict[str, float]) -> Any:
         step = int(state.global_step)
         if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
             return control
-        values: dict[str, float] = {}
-        loss = (metrics or {}).get("eval_loss")
-        if isinstance(loss, (int, float)):
-            values["eval_loss"] = float(loss)
         if "eval_loss" in values and math.isfinite(values["eval_loss"]):
             values["perplexity"] = math.exp(min(values["eval_loss"], 50.0))
         if self.extra is not None:

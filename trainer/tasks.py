@@ -12,7 +12,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["synthetic_sft", "load_sft_dataset", "answer_of"]
+__all__ = [
+    "synthetic_sft",
+    "synthetic_preferences",
+    "split_shared_prompt",
+    "load_sft_dataset",
+    "load_text_dataset",
+    "load_preference_dataset",
+    "answer_of",
+]
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -52,40 +60,127 @@ def _read_rows(path: Path) -> Any:
     return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
-def load_sft_dataset(data_cfg: dict[str, Any], seed: int) -> tuple[Any, Any]:
-    """(train, eval) ``datasets.Dataset`` objects with ``prompt`` and ``completion`` columns."""
-    import datasets
+def synthetic_preferences(n: int, seed: int) -> list[dict[str, str]]:
+    """The arithmetic task as preference pairs: the right sum is chosen, a near miss not."""
+    rng = random.Random(seed)
+    rows = []
+    for pair in synthetic_sft(n, seed):
+        right = int(pair["completion"])
+        wrong = right + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11])
+        rows.append({"prompt": pair["prompt"], "chosen": f" {right}", "rejected": f" {wrong}"})
+    return rows
 
-    train_size = int(data_cfg.get("train_size", 256))
-    eval_size = int(data_cfg.get("eval_size", 32))
-    if "synthetic" in data_cfg:
-        rows = synthetic_sft(train_size + eval_size, seed=1234)  # fixed: same data every trial
-        table = datasets.Dataset.from_list(rows)
-    else:
-        path = Path(data_cfg["path"])
-        if not path.exists():
-            raise ValueError(f"runner.data.path: {path} does not exist")
-        raw = _read_rows(path)
-        prompt_cols = list(data_cfg.get("prompt_columns", ["prompt"]))
-        completion_col = str(data_cfg.get("completion_column", "completion"))
-        for field, cols in (
-            ("prompt_columns", prompt_cols),
-            ("completion_column", [completion_col]),
-        ):
-            for col in cols:
-                if col not in raw.column_names:
-                    raise ValueError(
-                        f"runner.data.{field}: column {col!r} not in {path.name} "
-                        f"(columns: {raw.column_names})"
-                    )
-        n = min(len(raw), train_size + eval_size)
-        raw = raw.shuffle(seed=1234).select(range(n))
 
-        def to_pair(row: dict[str, Any]) -> dict[str, str]:
-            prompt = "\n".join(str(row[c]) for c in prompt_cols if row[c])
-            return {"prompt": prompt, "completion": " " + str(row[completion_col])}
+def split_shared_prompt(
+    chosen: str, rejected: str, marker: str = "\n\nAssistant:"
+) -> tuple[str, str, str]:
+    """(prompt, chosen reply, rejected reply) from two full transcripts (the hh-rlhf layout):
+    the prompt is their shared start up to and including the last ``marker`` in it (the
+    whole shared start when there is no marker)."""
+    n = 0
+    for x, y in zip(chosen, rejected, strict=False):
+        if x != y:
+            break
+        n += 1
+    cut = chosen.rfind(marker, 0, n)
+    cut = n if cut < 0 else cut + len(marker)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
-        table = raw.map(to_pair, remove_columns=raw.column_names)
-    eval_n = min(eval_size, max(1, len(table) // 5))
+
+def _rows_from_file(data_cfg: dict[str, Any], columns: dict[str, list[str]]) -> Any:
+    """The file's rows, shuffled with a fixed seed and cut to train + eval size, after
+    checking every mapped column exists (naming the ``runner.data`` field)."""
+    path = Path(data_cfg["path"])
+    if not path.exists():
+        raise ValueError(f"runner.data.path: {path} does not exist")
+    raw = _read_rows(path)
+    for key, cols in columns.items():
+        for col in cols:
+            if col not in raw.column_names:
+                raise ValueError(
+                    f"runner.data.{key}: column {col!r} not in {path.name} "
+                    f"(columns: {raw.column_names})"
+                )
+    n = min(len(raw), _sizes(data_cfg)[0] + _sizes(data_cfg)[1])
+    return raw.shuffle(seed=1234).select(range(n))
+
+
+def _sizes(data_cfg: dict[str, Any]) -> tuple[int, int]:
+    return int(data_cfg.get("train_size", 256)), int(data_cfg.get("eval_size", 32))
+
+
+def _split(table: Any, data_cfg: dict[str, Any]) -> tuple[Any, Any]:
+    eval_n = min(_sizes(data_cfg)[1], max(1, len(table) // 5))
     split = table.train_test_split(test_size=eval_n, shuffle=False)
     return split["train"], split["test"]
+
+
+def _synthetic(data_cfg: dict[str, Any], make: Any) -> Any:
+    import datasets
+
+    train_size, eval_size = _sizes(data_cfg)
+    # A fixed seed: every trial of a study sees the same data.
+    return datasets.Dataset.from_list(make(train_size + eval_size, seed=1234))
+
+
+def load_sft_dataset(data_cfg: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
+    """(train, eval) ``datasets.Dataset`` objects with ``prompt`` and ``completion`` columns."""
+    if "synthetic" in data_cfg:
+        return _split(_synthetic(data_cfg, synthetic_sft), data_cfg)
+    prompt_cols = list(data_cfg.get("prompt_columns", ["prompt"]))
+    completion_col = str(data_cfg.get("completion_column", "completion"))
+    raw = _rows_from_file(
+        data_cfg, {"prompt_columns": prompt_cols, "completion_column": [completion_col]}
+    )
+
+    def to_pair(row: dict[str, Any]) -> dict[str, str]:
+        prompt = "\n".join(str(row[c]) for c in prompt_cols if row[c])
+        return {"prompt": prompt, "completion": " " + str(row[completion_col])}
+
+    return _split(raw.map(to_pair, remove_columns=raw.column_names), data_cfg)
+
+
+def load_text_dataset(data_cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """(train, eval) with one ``text`` column: raw text for the pretraining proxy."""
+    if "synthetic" in data_cfg:
+        table = _synthetic(
+            data_cfg,
+            lambda n, seed: [
+                {"text": r["prompt"] + r["completion"]} for r in synthetic_sft(n, seed)
+            ],
+        )
+        return _split(table, data_cfg)
+    col = str(data_cfg.get("text_column", "text"))
+    raw = _rows_from_file(data_cfg, {"text_column": [col]})
+    table = raw.map(lambda row: {"text": str(row[col])}, remove_columns=raw.column_names)
+    return _split(table, data_cfg)
+
+
+def load_preference_dataset(data_cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """(train, eval) with ``prompt``, ``chosen`` and ``rejected`` columns.
+
+    Without ``prompt_columns`` the prompt is split off the shared start of the chosen and
+    rejected texts (``split_shared_prompt``), which is how hh-rlhf stores its pairs.
+    """
+    if "synthetic" in data_cfg:
+        return _split(_synthetic(data_cfg, synthetic_preferences), data_cfg)
+    chosen = str(data_cfg.get("chosen_column", "chosen"))
+    rejected = str(data_cfg.get("rejected_column", "rejected"))
+    columns = {"chosen_column": [chosen], "rejected_column": [rejected]}
+    prompt_cols = data_cfg.get("prompt_columns")
+    if prompt_cols is not None:
+        columns["prompt_columns"] = list(prompt_cols)
+    raw = _rows_from_file(data_cfg, columns)
+
+    def to_triple(row: dict[str, Any]) -> dict[str, str]:
+        if prompt_cols is not None:
+            prompt = "\n".join(str(row[c]) for c in prompt_cols if row[c])
+            return {"prompt": prompt, "chosen": str(row[chosen]), "rejected": str(row[rejected])}
+        p, c, r = split_shared_prompt(str(row[chosen]), str(row[rejected]))
+        return {"prompt": p, "chosen": c, "rejected": r}
+
+    table = raw.map(to_triple, remove_columns=raw.column_names)
+    table = table.filter(lambda row: bool(row["prompt"] and row["chosen"] and row["rejected"]))
+    if len(table) < 2:
+        raise ValueError("runner.data: fewer than 2 usable preference pairs in the file")
+    return _split(table, data_cfg)

@@ -22,8 +22,9 @@ import yaml
 from google.protobuf import json_format
 
 from objectives.catalog import METRICS
+from stagetune.datafiles import SUFFIXES, columns_of, required_columns
 from stagetune.errors import InvalidArgument
-from stagetune.stages import RUNNER_KEYS, STAGES
+from stagetune.stages import REWARD_FUNCTIONS, RUNNER_KEYS, STAGES, ParamDef
 from stagetune.v1 import types_pb2 as pb
 
 ParamValue = float | int | str | bool
@@ -351,8 +352,9 @@ def _finite(value: float, where: str) -> None:
         raise InvalidArgument(where, f"must be finite, got {value}")
 
 
-def _validate_param(p: ParamSpec, kind: str) -> None:
+def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
     where = f"search_space.{p.name}"
+    kind = knob.kind
     if isinstance(p, FloatParam):
         if kind not in ("float",):
             raise InvalidArgument(
@@ -370,6 +372,7 @@ def _validate_param(p: ParamSpec, kind: str) -> None:
                 raise InvalidArgument(f"{where}.step", "cannot be combined with log")
             if p.step <= 0:
                 raise InvalidArgument(f"{where}.step", "must be > 0")
+        _in_bounds(p.name, knob, where, p.low, p.high)
     elif isinstance(p, IntParam):
         if kind not in ("int",):
             raise InvalidArgument(
@@ -383,6 +386,7 @@ def _validate_param(p: ParamSpec, kind: str) -> None:
             raise InvalidArgument(f"{where}.step", "must be >= 1")
         if p.log and p.step != 1:
             raise InvalidArgument(f"{where}.step", "must be 1 when log is set")
+        _in_bounds(p.name, knob, where, p.low, p.high)
     else:
         if not p.choices:
             raise InvalidArgument(f"{where}.choices", "must not be empty")
@@ -404,6 +408,20 @@ def _validate_param(p: ParamSpec, kind: str) -> None:
                 raise InvalidArgument(
                     f"{where}.choices[{i}]", f"{p.name} takes {kind} values, got {c!r}"
                 )
+            why = knob.check(c)
+            if why is not None:
+                raise InvalidArgument(f"{where}.choices[{i}]", f"{p.name} {why}")
+
+
+def _in_bounds(name: str, knob: ParamDef, where: str, low: float, high: float) -> None:
+    if knob.choices is not None:
+        raise InvalidArgument(
+            f"{where}.type", f"{name} takes one of {list(knob.choices)}: use a categorical"
+        )
+    for end, value in (("low", low), ("high", high)):
+        why = knob.check(value)
+        if why is not None:
+            raise InvalidArgument(f"{where}.{end}", f"{name} {why}")
 
 
 def validate_spec(spec: StudySpec) -> None:
@@ -422,13 +440,13 @@ def validate_spec(spec: StudySpec) -> None:
         if p.name in names:
             raise InvalidArgument(f"search_space.{p.name}", "appears twice")
         names.add(p.name)
-        kind = stage.params.get(p.name)
-        if kind is None:
+        knob = stage.params.get(p.name)
+        if knob is None:
             raise InvalidArgument(
                 f"search_space.{p.name}",
                 f"not a parameter of stage {spec.stage}; one of {sorted(stage.params)}",
             )
-        _validate_param(p, kind)
+        _validate_param(p, knob)
     if not spec.objectives:
         raise InvalidArgument("objectives", "must list at least one objective")
     metrics: set[str] = set()
@@ -484,20 +502,90 @@ def _validate_runner(spec: StudySpec) -> None:
     data = _mapping(runner.get("data"), "runner.data")
     if ("synthetic" in data) == ("path" in data):
         raise InvalidArgument("runner.data", "needs exactly one of synthetic or path")
-    _known(
-        data,
-        {"synthetic", "path", "prompt_columns", "completion_column", "train_size", "eval_size"},
-        "runner.data",
-    )
+    column_keys = set(stage.data_columns)
+    _known(data, {"synthetic", "path", "train_size", "eval_size"} | column_keys, "runner.data")
     if "synthetic" in data and data["synthetic"] != "arithmetic":
         raise InvalidArgument("runner.data.synthetic", "the synthetic task is 'arithmetic'")
+    if "path" in data and (not isinstance(data["path"], str) or not data["path"]):
+        raise InvalidArgument("runner.data.path", "must be a non-empty string")
+    for key in column_keys & set(data):
+        value = data[key]
+        names = value if key == "prompt_columns" else [value]
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(c, str) and c for c in names)
+        ):
+            want = "a non-empty list of column names" if key == "prompt_columns" else "a name"
+            raise InvalidArgument(f"runner.data.{key}", f"must be {want}")
     for key in ("train_size", "eval_size"):
         if key in data and _number(data[key], f"runner.data.{key}", int) < 1:
             raise InvalidArgument(f"runner.data.{key}", "must be >= 1")
+    if "path" in data:
+        _check_data_file(stage.data_columns, data)
     training = _mapping(runner.get("training"), "runner.training")
     _known(training, set(stage.training_keys), "runner.training")
+    for key, value in training.items():
+        _check_fixed(spec.stage, key, value)
     if "processes" in runner and _number(runner["processes"], "runner.processes", int) < 1:
         raise InvalidArgument("runner.processes", "must be >= 1")
+    if "save_model" in runner and not isinstance(runner["save_model"], bool):
+        raise InvalidArgument("runner.save_model", "must be true or false")
+
+
+def _check_data_file(stage_columns: dict[str, str], data: Mapping[str, Any]) -> None:
+    """Refuse a mapped column the file lacks. A path this process cannot see (a worker's
+    own disk) is checked by the worker instead, naming the same field."""
+    path = Path(data["path"])
+    if not path.is_dir() and not any(path.name.endswith(s) for s in SUFFIXES):
+        raise InvalidArgument(
+            "runner.data.path", f"{path.name}: expected a folder or one of {list(SUFFIXES)}"
+        )
+    if not path.exists():
+        return
+    try:
+        columns = columns_of(path)
+    except (OSError, ValueError) as e:
+        raise InvalidArgument("runner.data.path", f"cannot read {path.name}: {e}") from None
+    if columns is None:
+        return
+    for key, names in required_columns(stage_columns, dict(data)).items():
+        for name in names:
+            if name not in columns:
+                raise InvalidArgument(
+                    f"runner.data.{key}",
+                    f"column {name!r} not in {path.name} (columns: {sorted(columns)})",
+                )
+
+
+def _check_fixed(stage_name: str, key: str, value: Any) -> None:
+    """A fixed value under ``runner.training`` has the knob's kind and a valid value."""
+    where = f"runner.training.{key}"
+    knob = STAGES[stage_name].knob(key)
+    assert knob is not None
+    if key == "reward_functions":
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list) or not names:
+            raise InvalidArgument(where, "must be a list of reward function names")
+        for name in names:
+            if name not in REWARD_FUNCTIONS:
+                raise InvalidArgument(
+                    where, f"unknown reward function {name!r}; one of {sorted(REWARD_FUNCTIONS)}"
+                )
+        return
+    ok = {
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+    }[knob.kind]
+    if not ok:
+        raise InvalidArgument(where, f"takes a {knob.kind} value, got {value!r}")
+    if isinstance(value, float):
+        _finite(value, where)
+    why = knob.check(value)
+    if why is not None:
+        raise InvalidArgument(where, why)
 
 
 # ---------------------------------------------------------------- wire conversion

@@ -1,0 +1,75 @@
+"""The SFT stage: a full fine-tune with trl's SFTTrainer (the LoRA stage adds an adapter).
+
+Quality: eval loss on held-out pairs (perplexity too) and, where the data has checkable
+answers, exact-match accuracy of greedy answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.assignment import Assignment, TrialResult
+from trainer.rungs import Reporter
+from trainer.stages.common import Trial
+from trainer.tasks import answer_of, load_sft_dataset
+
+__all__ = ["run_sft", "run_sft_like", "exact_match", "DEFAULTS"]
+
+DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
+
+
+def exact_match(model: Any, tokenizer: Any, eval_rows: Any, limit: int = 16) -> float | None:
+    """Fraction of held-out prompts whose greedy answer's last number is the reference's;
+    None when the data has no checkable answers."""
+    import torch
+
+    rows = [r for r in eval_rows.select(range(min(limit, len(eval_rows))))]
+    if not rows or answer_of(rows[0]["completion"]) is None:
+        return None
+    was_training = model.training
+    model.train(False)
+    hits = 0
+    with torch.inference_mode():
+        for row in rows:
+            enc = tokenizer(row["prompt"], return_tensors="pt").to(model.device)
+            out = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += answer_of(text) == answer_of(row["completion"])
+    model.train(was_training)
+    return hits / len(rows)
+
+
+def run_sft_like(
+    a: Assignment, reporter: Reporter, defaults: dict[str, Any], peft_config: Any = None
+) -> TrialResult:
+    """SFTTrainer on prompt/completion pairs; with ``peft_config`` it trains an adapter."""
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+
+    with Trial(a, reporter, defaults) as t:
+        model, tokenizer = t.load_model()
+        train, evals = load_sft_dataset(a.runner.get("data", {"synthetic": "arithmetic"}), a.seed)
+        args = SFTConfig(**t.training_args(), max_length=int(t.cfg["max_length"]))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evals,
+            processing_class=tokenizer,
+            peft_config=peft_config(t.cfg) if peft_config is not None else None,
+            callbacks=[t.rung_callback()],
+        )
+        return t.train(
+            trainer,
+            tokenizer,
+            quality=lambda net: {"exact_match": exact_match(net, tokenizer, evals)},
+        )
+
+
+def run_sft(a: Assignment, reporter: Reporter) -> TrialResult:
+    return run_sft_like(a, reporter, DEFAULTS)
