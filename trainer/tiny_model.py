@@ -40,7 +40,7 @@ def _tokenizer() -> Any:
         eos_token="<eos>",
         bos_token="<bos>",
         unk_token="<unk>",
-        model_max_length=256,
+        model_max_length=1024,
     )
 
 
@@ -72,7 +72,7 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -219,9 +219,24 @@ class Worker:
             f"trial {trial.trial_id}: {result.outcome} in {result.seconds:.1f}s"
             + (f" ({result.detail})" if result.detail else "")
         )
-        if not s.keep_outputs:
-            shutil.rmtree(trial_dir / "output", ignore_errors=True)
+        self._tidy_outputs(assignment, trial_dir / "output")
         return result
+
+    def _tidy_outputs(self, a: Assignment, output: Path) -> None:
+        """Drop a finished trial's scratch files; keep its saved model when the study asks
+        (``runner.save_model``) so a later stage can start from it."""
+        if self.settings.keep_outputs:
+            return
+        model = output / "model"
+        if a.runner.get("save_model") and model.is_dir():
+            for entry in output.iterdir():
+                if entry.is_dir() and entry != model:
+                    shutil.rmtree(entry)
+                elif entry.is_file():
+                    entry.unlink()
+            self._log(f"trial {a.trial_id}: model saved in {model}")
+            return
+        shutil.rmtree(output, ignore_errors=True)
 
     def _supervise(self, trial_id: int, lease: float) -> tuple[Outcome, str] | None:
         """Wait for the trial process, renewing the lease. Returns an outcome when the

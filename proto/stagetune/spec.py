@@ -531,6 +531,37 @@ def _validate_runner(spec: StudySpec) -> None:
         raise InvalidArgument("runner.processes", "must be >= 1")
     if "save_model" in runner and not isinstance(runner["save_model"], bool):
         raise InvalidArgument("runner.save_model", "must be true or false")
+    if spec.stage == "grpo":
+        _check_generation_batch(spec)
+
+
+def _values(spec: StudySpec, name: str) -> list[Any] | None:
+    """Every value ``name`` can take in this study: its choices, its fixed value, or None
+    when it is a range or left to the runner's default."""
+    for p in spec.search_space:
+        if p.name == name:
+            return list(p.choices) if isinstance(p, CategoricalParam) else None
+    training = spec.runner.get("training", {})
+    return [training[name]] if name in training else None
+
+
+def _check_generation_batch(spec: StudySpec) -> None:
+    """GRPO samples num_generations completions per prompt: every batch of completions
+    (micro-batch x processes x accumulation) must hold whole groups."""
+    batches = _values(spec, "per_device_train_batch_size")
+    groups = _values(spec, "num_generations")
+    accum = _values(spec, "gradient_accumulation_steps")
+    if batches is None or groups is None or (accum is not None and len(accum) != 1):
+        return
+    scale = int(spec.runner.get("processes", 1)) * (int(accum[0]) if accum else 1)
+    for b in batches:
+        for g in groups:
+            if (int(b) * scale) % int(g):
+                raise InvalidArgument(
+                    "search_space.num_generations",
+                    f"{g} completions per prompt do not divide a batch of {int(b) * scale} "
+                    "(per_device_train_batch_size x processes x gradient_accumulation_steps)",
+                )
 
 
 def _check_data_file(stage_columns: dict[str, str], data: Mapping[str, Any]) -> None:

@@ -122,6 +122,18 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+def _reference(trainer: Any) -> str:
+    """What the trainer compares the policy against (DPO, GRPO with beta > 0)."""
+    if getattr(trainer, "ref_model", None) is not None:
+        return "separate reference model"
+    adapters = getattr(trainer.model, "peft_config", None)
+    if isinstance(adapters, dict) and "ref" in adapters:
+        return "frozen copy of the starting adapter"
+    if adapters and hasattr(trainer, "ref_model"):
+        return "the policy with its adapter disabled"
+    return "none"
+
+
 class Trial:
     """One trial of any stage, from model loading to the final measurements.
 
@@ -275,6 +287,7 @@ class Trial:
             "settings": self.cfg,
             "param_checksum": checksum,
             "steps": int(trainer.state.global_step),
+            "reference": _reference(trainer),
         }
         out = Path(self.a.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,253 @@
+"""Every lifecycle stage: configs that validate, bad stage configs refused at submit time,
+and each stage's runner on real tiny models (directly and on real data files)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from server.app import StagetuneServer
+from stagetune.client import StudyClient
+from stagetune.errors import InvalidArgument
+from stagetune.spec import load_spec_file, spec_from_mapping, spec_to_proto, validate_spec
+from stagetune.stages import STAGES
+from tests.conftest import REPO, SHARED_DATA
+from trainer.assignment import Assignment
+from trainer.rungs import NullReporter
+from trainer.tasks import split_shared_prompt
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+QUALITY = {
+    "pretrain_proxy": "eval_loss",
+    "sft": "eval_loss",
+    "lora": "eval_loss",
+    "dpo": "reward_accuracy",
+    "grpo": "mean_reward",
+}
+
+
+def config(stage: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "configs" / f"{stage}.yaml").read_text())
+    return data
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_has_a_config_that_validates(stage: str) -> None:
+    spec = load_spec_file(REPO / "configs" / f"{stage}.yaml")
+    validate_spec(spec)
+    assert spec.stage == stage
+    assert spec.objectives[0].metric == QUALITY[stage]
+
+
+@pytest.mark.parametrize(
+    ("stage", "edit", "field"),
+    [
+        ("sft", lambda d: d.update(stage="rlhf"), "stage"),
+        (
+            "dpo",
+            lambda d: d["search_space"].update(lora_r={"type": "int", "low": 2, "high": 8}),
+            "search_space.lora_r",
+        ),
+        (
+            "dpo",
+            lambda d: d["search_space"].update(beta={"type": "float", "low": 0.0, "high": 1.0}),
+            "search_space.beta.low",
+        ),
+        (
+            "dpo",
+            lambda d: d["search_space"].update(
+                loss_type={"type": "categorical", "choices": ["sigmoid", "bogus"]}
+            ),
+            "search_space.loss_type.choices[1]",
+        ),
+        (
+            "sft",
+            lambda d: d["runner"]["training"].update(zero_stage=4),
+            "runner.training.zero_stage",
+        ),
+        (
+            "grpo",
+            lambda d: d["search_space"].update(
+                num_generations={"type": "categorical", "choices": [3, 4]}
+            ),
+            "search_space.num_generations",
+        ),
+        (
+            "grpo",
+            lambda d: d["runner"]["training"].update(reward_functions=["vibes"]),
+            "runner.training.reward_functions",
+        ),
+        (
+            "pretrain_proxy",
+            lambda d: d["search_space"].update(hidden_size={"type": "int", "low": 0, "high": 64}),
+            "search_space.hidden_size.low",
+        ),
+        (
+            "sft",
+            lambda d: d["runner"]["data"].update(chosen_column="chosen"),
+            "runner.data.chosen_column",
+        ),
+    ],
+)
+def test_bad_stage_configs_are_refused_naming_the_field(stage: str, edit: Any, field: str) -> None:
+    data = config(stage)
+    edit(data)
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(spec_from_mapping(data))
+    assert err.value.field == field
+
+
+def test_a_missing_data_column_is_refused_at_submit_time_by_the_server(
+    server: StagetuneServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"good": "a", "bad": "b"}) + "\n")
+    data = config("dpo")
+    data["runner"]["data"] = {"path": str(path), "chosen_column": "good"}  # rejected: default
+    msg = spec_to_proto(spec_from_mapping(data))  # straight to the server, no client checks
+    with StudyClient(server.address, timeout=10, retries=0) as client:
+        with pytest.raises(InvalidArgument) as err:
+            client.create_study(msg)
+        assert err.value.field == "runner.data.rejected_column"
+        assert "'rejected' not in pairs.jsonl.gz" in err.value.message
+        assert client.list_studies() == []
+
+
+def test_hh_rlhf_pairs_split_at_the_last_assistant_turn() -> None:
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: Sure, here."
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: Sorry, no."
+    prompt, good, bad = split_shared_prompt(chosen, rejected)
+    assert prompt.endswith("help?\n\nAssistant:")
+    assert (good, bad) == (" Sure, here.", " Sorry, no.")
+
+
+# ---------------------------------------------------------------- runners on tiny models
+
+
+def assignment(tmp_path: Path, stage: str, **runner: Any) -> Assignment:
+    training = {"per_device_train_batch_size": 4, "max_length": 32}
+    training.update(runner.pop("training", {}))
+    return Assignment(
+        trial_id=1,
+        study_name="s",
+        number=0,
+        attempt=1,
+        stage=stage,
+        params=runner.pop("params", {}),
+        runner={
+            "model": {"tiny": TINY},
+            "cache_dir": str(tmp_path / "cache"),
+            "data": {"synthetic": "arithmetic", "train_size": 32, "eval_size": 8},
+            "training": training,
+            **runner,
+        },
+        rung_steps=[2, 4],
+        objectives=[QUALITY[stage]],
+        output_dir=str(tmp_path / stage / "out"),
+        result_path=str(tmp_path / stage / "result.json"),
+    )
+
+
+def run(a: Assignment) -> Any:
+    from trainer.run_trial import _runner
+
+    runner = _runner(a.stage)
+    assert runner is not None
+    reporter = NullReporter()
+    result = runner(a, reporter)
+    assert result.status == "complete", result.reason
+    assert [step for step, _ in reporter.calls] == [2, 4]
+    quality = QUALITY[a.stage]
+    assert all(quality in metrics for _, metrics in reporter.calls)
+    for key in ("decode_latency_ms", "peak_memory_mb", "device_seconds", "tokens_per_second"):
+        assert result.metrics[key] > 0, key
+    return result
+
+
+@pytest.mark.slow
+def test_pretrain_proxy_trains_from_scratch_at_the_trials_width_and_depth(
+    tmp_path: Path,
+) -> None:
+    small = run(
+        assignment(tmp_path / "a", "pretrain_proxy", params={"hidden_size": 16, "num_layers": 1})
+    )
+    big = run(
+        assignment(tmp_path / "b", "pretrain_proxy", params={"hidden_size": 48, "num_layers": 2})
+    )
+    assert small.metrics["parameters_m"] < big.metrics["parameters_m"]
+    assert small.metrics["perplexity"] > 1
+
+
+@pytest.mark.slow
+def test_sft_on_gsm8k_reports_loss_and_exact_match(tmp_path: Path) -> None:
+    path = SHARED_DATA / "gsm8k-train-alpaca.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
+    data = {
+        "path": str(path),
+        "prompt_columns": ["instruction", "input"],
+        "completion_column": "output",
+        "train_size": 24,
+        "eval_size": 4,
+    }
+    result = run(assignment(tmp_path, "sft", data=data, training={"max_length": 512}))
+    assert 0 < result.metrics["eval_loss"] < 10
+    assert 0.0 <= result.metrics["exact_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_dpo_on_hh_rlhf_reports_reward_accuracy_and_margin(tmp_path: Path) -> None:
+    path = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
+    data = {"path": str(path), "train_size": 16, "eval_size": 4}
+    result = run(assignment(tmp_path, "dpo", data=data, training={"max_length": 256}))
+    assert 0.0 <= result.metrics["reward_accuracy"] <= 1.0
+    assert "reward_margin" in result.metrics
+
+
+@pytest.mark.slow
+def test_grpo_scores_held_out_prompts_with_the_configured_rewards(tmp_path: Path) -> None:
+    result = run(
+        assignment(
+            tmp_path,
+            "grpo",
+            params={"num_generations": 2, "beta": 0.04},
+            training={"reward_functions": ["has_number"], "max_completion_length": 4},
+        )
+    )
+    assert 0.0 <= result.metrics["mean_reward"] <= 1.0
+
+
+@pytest.mark.slow
+def test_dpo_starts_from_a_lora_result_logged_to_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    lora = assignment(tmp_path, "lora", save_model=True)
+    run(lora)
+    adapter = Path(lora.output_dir) / "model"
+    assert (adapter / "adapter_config.json").exists()  # a LoRA result is an adapter
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as parent:
+        mlflow.log_artifacts(str(adapter), artifact_path="model")
+    dpo = assignment(
+        tmp_path,
+        "dpo",
+        model={"name_or_path": f"runs:/{parent.info.run_id}/model"},
+        save_model=True,
+    )
+    run(dpo)
+    # trl kept the adapter trainable and froze a copy of it as the reference model.
+    assert (Path(dpo.output_dir) / "model" / "adapter_config.json").exists()
+    rank0 = json.loads((Path(dpo.output_dir) / "rank-0.json").read_text())
+    assert rank0["reference"] == "frozen copy of the starting adapter"
