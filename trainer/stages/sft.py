@@ -64,7 +64,11 @@ def run_sft_like(
             peft_config=peft_config(t.cfg) if peft_config is not None else None,
             callbacks=[t.rung_callback()],
         )
-        for name, rows in (("training", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        kept: list[tuple[str, Any]] = [
+            ("training", trainer.train_dataset),
+            ("eval", trainer.eval_dataset),
+        ]
+        for name, rows in kept:
             if len(rows) == 0:  # trl drops pairs whose completion is cut off entirely
                 raise ValueError(
                     f"runner.training.max_length: every {name} example's completion lies "
