@@ -162,3 +162,11 @@ def test_two_cpu_ranks_train_one_trial_and_count_two_devices(tmp_path: Path) -> 
     # Both processes count: device-seconds are twice the trial's wall seconds.
     m = result.metrics
     assert m["device_seconds"] == pytest.approx(2 * m["wall_seconds"], rel=1e-6)
+    # Both ranks trained, with the same settings from the one assignment file, and ended
+    # with the same weights (DDP kept them in step).
+    ranks = [json.loads((Path(a.output_dir) / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["steps"] for r in ranks] == [4, 4]
+    assert ranks[0]["settings"] == ranks[1]["settings"]
+    assert ranks[0]["settings"]["learning_rate"] == a.params["learning_rate"]
+    assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-6)
