@@ -44,6 +44,22 @@ def _runner(stage: str) -> Callable[[Assignment, Reporter], TrialResult] | None:
     return None
 
 
+def _single_process_rendezvous() -> None:
+    """A one-process trial still gets a rank, a world size and a rendezvous address:
+    DeepSpeed initialises torch.distributed even for one process (and otherwise looks for
+    MPI). The launcher sets these for multi-process trials."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
@@ -53,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("assignment", type=Path, help="assignment JSON written by the worker")
     args = parser.parse_args(argv)
     a = Assignment.read(args.assignment)
+    _single_process_rendezvous()
     rank0 = _rank() == 0
     runner = _runner(a.stage)
     if runner is None:

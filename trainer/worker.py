@@ -29,7 +29,7 @@ from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from trainer.assignment import Assignment, TrialResult
 
-__all__ = ["WorkerSettings", "Worker", "TrialOutcome", "launch_command"]
+__all__ = ["WorkerSettings", "Worker", "TrialOutcome", "launch_command", "uses_deepspeed"]
 
 Outcome = Literal["complete", "stopped", "failed", "interrupted", "lost"]
 
@@ -60,7 +60,9 @@ class TrialOutcome:
     detail: str = ""
 
 
-def launch_command(assignment_path: Path, processes: int, cpu: bool) -> list[str]:
+def launch_command(
+    assignment_path: Path, processes: int, cpu: bool, deepspeed: bool = False
+) -> list[str]:
     """The ``accelerate launch`` command that starts one trial on ``processes`` ranks."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -68,11 +70,19 @@ def launch_command(assignment_path: Path, processes: int, cpu: bool) -> list[str
         # accelerate's --cpu always starts one process; its torchrun launcher starts N, and
         # on CPU the trainer (use_cpu) joins them with gloo.
         cmd.append("--multi_gpu")
-    elif cpu:
+    elif cpu and not deepspeed:
+        # --cpu would silently switch DeepSpeed off; a DeepSpeed trial on CPU relies on the
+        # hidden GPUs (CUDA_VISIBLE_DEVICES="") and the trainer's use_cpu instead.
         cmd.append("--cpu")
     if processes > 1:
         cmd += ["--main_process_port", str(_free_port())]
     return [*cmd, "-m", "trainer.run_trial", str(assignment_path)]
+
+
+def uses_deepspeed(a: Assignment) -> bool:
+    """Whether this trial trains under DeepSpeed (a ZeRO stage or a config of its own)."""
+    settings = {**a.runner.get("training", {}), **a.params}
+    return bool(settings.get("deepspeed_config")) or int(settings.get("zero_stage", 0)) > 0
 
 
 def _free_port() -> int:
@@ -201,8 +211,15 @@ class Worker:
         )
         if s.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(s.threads_per_trial)
+        if s.gpus == 0:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker's trials never touch a GPU
         log_path = trial_dir / "trial.log"
-        cmd = launch_command(trial_dir / "assignment.json", s.processes, cpu=s.gpus == 0)
+        cmd = launch_command(
+            trial_dir / "assignment.json",
+            s.processes,
+            cpu=s.gpus == 0,
+            deepspeed=uses_deepspeed(assignment),
+        )
         with log_path.open("wb") as log:
             self._child = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -122,6 +122,44 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+def _deepspeed_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++) on first
+    use: minutes on a small machine and a hard failure without a compiler. Plain gloo
+    collectives do the same job for CPU trials, so the op is marked unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _whole_model(trainer: Any) -> Any:
+    """The trained model with all its weights on rank 0, for decoding and saving.
+
+    Under ZeRO-3 each rank holds a shard: every rank gathers the full state dict (a
+    collective), the global ZeRO-3 switch is turned off (so ``generate`` does not wait for
+    the other ranks), and rank 0 loads the weights into a plain copy of the model.
+    """
+    engine = trainer.model_wrapped
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
+    if stage != 3:
+        return trainer.model
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    state = trainer.accelerator.get_state_dict(engine)
+    unset_hf_deepspeed_config()
+    if not trainer.is_world_process_zero():
+        return trainer.model
+    model = trainer.model
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        from peft import get_peft_model
+
+        base = model.get_base_model()
+        copy = get_peft_model(type(base)(base.config), model.peft_config["default"])
+    else:
+        copy = type(model)(model.config)
+    copy.load_state_dict(state)
+    return copy
+
+
 def _reference(trainer: Any) -> str:
     """What the trainer compares the policy against (DPO, GRPO with beta > 0)."""
     if getattr(trainer, "ref_model", None) is not None:
@@ -182,6 +220,9 @@ class Trial:
 
         cfg = self.cfg
         precision = str(cfg["mixed_precision"])
+        ds = deepspeed_config(cfg)
+        if ds is not None and not torch.cuda.is_available():
+            _deepspeed_on_cpu()
         return {
             "output_dir": self.a.output_dir,
             "max_steps": self.a.rung_steps[-1],
@@ -196,7 +237,7 @@ class Trial:
             "activation_checkpointing": bool(cfg["gradient_checkpointing"]),
             "bf16": precision == "bf16",  # explicit: trl's configs default to bf16
             "fp16": precision == "fp16",
-            "deepspeed": deepspeed_config(cfg),
+            "deepspeed": ds,
             "eval_strategy": "no",  # the rung callback asks for evaluations
             "save_strategy": "no",
             "logging_strategy": "no",
@@ -248,9 +289,9 @@ class Trial:
         if callback.stopped:
             return TrialResult("stopped", rungs=callback.rungs, reason=callback.reason)
         final: dict[str, float] = dict(callback.rungs[-1]["metrics"]) if callback.rungs else {}
+        net = _whole_model(trainer)  # every rank takes part when ZeRO-3 shards the weights
         if not trainer.is_world_process_zero():
             return TrialResult("complete", metrics=final, rungs=callback.rungs)
-        net: Any = trainer.model
         if quality is not None:
             final.update({k: v for k, v in quality(net).items() if v is not None})
         latency = measure_decode_latency(net, tokenizer, FIXED_PROMPTS, max_new_tokens=8)
@@ -259,17 +300,17 @@ class Trial:
         seen = tokens(trainer) if tokens is not None else float(trainer.state.num_input_tokens_seen)
         final["tokens_per_second"] = seen / train_seconds if train_seconds > 0 else 0.0
         if self.a.runner.get("save_model"):
-            self._save(trainer, tokenizer)
+            self._save(net, tokenizer)
         final["peak_memory_mb"] = peak_memory_mb()
         final["wall_seconds"] = self.clock.seconds
         final["device_seconds"] = self.clock.device_seconds
         final = {k: v for k, v in final.items() if math.isfinite(v) or k == "eval_loss"}
         return TrialResult("complete", metrics=final, rungs=callback.rungs)
 
-    def _save(self, trainer: Any, tokenizer: Any) -> None:
+    def _save(self, net: Any, tokenizer: Any) -> None:
         """The trained model (or adapter) in ``output_dir/model``, loadable by a next stage."""
         out = Path(self.a.output_dir) / "model"
-        trainer.save_model(str(out))
+        net.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
 
     def _record_rank(self, trainer: Any) -> None:
