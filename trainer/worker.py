@@ -216,7 +216,7 @@ class Worker:
         log_path = trial_dir / "trial.log"
         cmd = launch_command(
             trial_dir / "assignment.json",
-            s.processes,
+            int(assignment.runner.get("processes", s.processes)),  # the study's, if it says
             cpu=s.gpus == 0,
             deepspeed=uses_deepspeed(assignment),
         )
