@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import optuna
@@ -19,7 +20,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from server import storage as st
 from server.asha import rung_decision
@@ -32,25 +33,46 @@ __all__ = ["OptunaPolicy", "make_sampler", "distributions_of"]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def constraint_values(spec: StudySpec, trial: FrozenTrial) -> list[float]:
+    """Optuna's constraint convention, one value per constraint of the study, <= 0 when
+    met: how far the trial's final metrics (or, for a trial stopped at a rung, its last
+    rung's) lie outside each limit. A metric never measured counts as met."""
+    ua = trial.user_attrs
+    metrics: dict[str, float] = dict(ua.get(st.METRICS) or {})
+    if not metrics:
+        rungs = sorted(
+            (int(k[len(st.RUNG_PREFIX) :]), v)
+            for k, v in ua.items()
+            if k.startswith(st.RUNG_PREFIX)
+        )
+        metrics = dict(rungs[-1][1]["metrics"]) if rungs else {}
+    return [c.excess(metrics[c.metric]) if c.metric in metrics else 0.0 for c in spec.constraints]
+
+
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     """The sampler a study's spec asks for.
 
     Small budgets get fewer random start-up trials (a third of the budget, 3 to 10) so the
-    model-based part of TPE/NSGA-II has trials left to act on.
+    model-based part of TPE/NSGA-II has trials left to act on. With constraints, TPE and
+    NSGA-II get them as Optuna constraints: they learn where the infeasible region is.
     """
     seed = spec.sampler.seed
     budget = spec.budget.max_trials
+    constraints = partial(constraint_values, spec) if spec.constraints else None
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.kind == "nsga2":
         return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=max(4, min(50, budget // 3))
+            seed=seed,
+            population_size=max(4, min(50, budget // 3)),
+            constraints_func=constraints,
         )
     return optuna.samplers.TPESampler(
         seed=seed,
         multivariate=True,
         constant_liar=True,  # running trials count as bad guesses: parallel asks spread out
         n_startup_trials=max(3, min(10, budget // 3)),
+        constraints_func=constraints,
     )
 
 
@@ -145,6 +167,8 @@ class OptunaPolicy:
         other_ids: list[int] = []
         for t in self._store.trials(spec.name):
             at_step = next((r for r in t.rungs if r.step == step), None)
+            if t.state == "infeasible":  # outside the constraints: not a rival
+                continue
             if t.trial_id != trial.trial_id and at_step and set(names) <= set(at_step.metrics):
                 others.append([at_step.metrics[n] for n in names])
                 other_ids.append(t.trial_id)

@@ -10,7 +10,7 @@ from typing import Literal
 from stagetune.spec import ParamValue, StudySpec
 
 StudyStateName = Literal["running", "stopped", "done"]
-TrialStateName = Literal["waiting", "running", "complete", "stopped", "failed"]
+TrialStateName = Literal["waiting", "running", "complete", "stopped", "failed", "infeasible"]
 
 __all__ = [
     "StudyStateName",

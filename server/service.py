@@ -226,12 +226,18 @@ class StudyService:
             if not any(r.step == step for r in trial.rungs):
                 self.store.record_rung(trial_id, step, metrics)
                 self.tracker.trial_progress(trial, step, metrics)
+            violation = study.spec.violated(metrics)
             if study.state != "running" and study.state != "done":
                 stop, reason = True, f"study {study.spec.name} was stopped"
+            elif violation:  # hard constraints first, at any rung: no point going on
+                stop, reason = True, f"infeasible at rung {step}: {violation}"
             else:
                 stop, reason = self.policy.decide(study.spec, trial, step, metrics)
             if stop:
-                self.store.set_trial_attrs(trial_id, {st.REASON: reason})
+                attrs: dict[str, object] = {st.REASON: reason}
+                if violation:
+                    attrs[st.INFEASIBLE] = violation
+                self.store.set_trial_attrs(trial_id, attrs)
                 self.policy.tell_stopped(study.spec, trial)
                 final = self.store.trial(trial_id)
                 self.tracker.trial_finished(study.spec, final, step)
@@ -261,7 +267,12 @@ class StudyService:
             if missing:
                 raise InvalidArgument(f"metrics.{missing[0]}", "objective metric missing")
             values = [metrics[m] for m in spec.metric_names]
-            self.store.set_trial_attrs(trial_id, {st.METRICS: metrics})
+            attrs: dict[str, object] = {st.METRICS: metrics}
+            violation = spec.violated(metrics)
+            if violation:  # measured only at the end (e.g. decode latency): off the front
+                attrs[st.INFEASIBLE] = violation
+                attrs[st.REASON] = f"infeasible at the full budget: {violation}"
+            self.store.set_trial_attrs(trial_id, attrs)
             self.policy.tell_complete(spec, trial, values)
             trial = self.store.trial(trial_id)
             self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
@@ -302,14 +313,29 @@ class StudyService:
                 "interrupted": "interrupted",
             }
             return self._fail_locked(
-                study, trial, f"{label[kind]}: {reason}".strip(), requeue=kind == "interrupted"
+                study,
+                trial,
+                f"{label[kind]}: {reason}".strip(),
+                requeue=kind == "interrupted",
+                infeasible=kind == "out_of_memory",
             )
 
     def _fail_locked(
-        self, study: StudyHead | StudyRecord, trial: TrialRecord, reason: str, *, requeue: bool
+        self,
+        study: StudyHead | StudyRecord,
+        trial: TrialRecord,
+        reason: str,
+        *,
+        requeue: bool,
+        infeasible: bool = False,
     ) -> tuple[TrialRecord, bool]:
+        """Fail an attempt. Out of memory is a fact about the params, not bad luck: the
+        trial is marked infeasible and never retried."""
         spec = study.spec
-        self.store.set_trial_attrs(trial.trial_id, {st.REASON: reason[:8000]})
+        attrs: dict[str, object] = {st.REASON: reason[:8000]}
+        if infeasible:
+            attrs[st.INFEASIBLE] = "out of memory"
+        self.store.set_trial_attrs(trial.trial_id, attrs)
         self.policy.tell_failed(spec, trial)
         requeued = requeue and study.state == "running" and trial.attempt <= spec.budget.max_retries
         if requeued:

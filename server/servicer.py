@@ -30,6 +30,7 @@ _TRIAL_STATE: dict[TrialStateName, pb.TrialState] = {
     "complete": pb.TRIAL_STATE_COMPLETE,
     "stopped": pb.TRIAL_STATE_STOPPED,
     "failed": pb.TRIAL_STATE_FAILED,
+    "infeasible": pb.TRIAL_STATE_INFEASIBLE,
 }
 _TRIAL_STATE_NAME: dict[int, TrialStateName] = {v: k for k, v in _TRIAL_STATE.items()}
 _FAILURE_KIND = {
@@ -58,6 +59,7 @@ def study_to_proto(record: StudyRecord) -> pb.Study:
             complete=c["complete"],
             stopped=c["stopped"],
             failed=c["failed"],
+            infeasible=c.get("infeasible", 0),
         ),
         create_time=_timestamp(record.created),
         mlflow_experiment_id=record.mlflow_experiment_id,

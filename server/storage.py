@@ -66,6 +66,7 @@ REASON = "st_reason"
 METRICS = "st_metrics"
 RUN_ID = "st_mlflow_run_id"
 RUNG_PREFIX = "st_rung_"
+INFEASIBLE = "st_infeasible"  # the broken constraint, or "out of memory"
 
 
 def default_storage_url(data_dir: Path) -> str:
@@ -102,6 +103,14 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
         # Wait for a writer rather than failing with "database is locked".
         return {"connect_args": {"timeout": 60, "check_same_thread": False}}
     return {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 16}
+
+
+def _state(t: FrozenTrial) -> TrialStateName:
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and t.user_attrs.get(
+        INFEASIBLE
+    ):
+        return "infeasible"
+    return _STATE_NAME[t.state]
 
 
 class StudyStore:
@@ -184,9 +193,10 @@ class StudyStore:
         spec = self._spec(attrs[_SPEC])
         trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
         counts: dict[TrialStateName, int] = dict.fromkeys(_STATE_NAME.values(), 0)
+        counts["infeasible"] = 0
         used = 0
         for t in trials:
-            counts[_STATE_NAME[t.state]] += 1
+            counts[_state(t)] += 1
             used += int(t.user_attrs.get(ATTEMPT, 1)) == 1
         state: StudyStateName = attrs.get(_STATE, "running")
         if (
@@ -260,7 +270,7 @@ class StudyStore:
             trial_id=t._trial_id,
             number=t.number,
             study_name=study_name,
-            state=_STATE_NAME[t.state],
+            state=_state(t),
             params=dict(t.params),
             attempt=int(ua.get(ATTEMPT, 1)),
             metrics=dict(ua.get(METRICS, {})),
@@ -280,13 +290,16 @@ class StudyStore:
     ) -> list[TrialRecord]:
         study_id = self._study_id(study_name)
         wanted = set(states or ())
-        optuna_states = tuple(s for s, n in _STATE_NAME.items() if n in wanted) if wanted else None
-        return [
+        # An infeasible trial is COMPLETE, PRUNED or FAIL in Optuna, marked by an attribute.
+        names = wanted | ({"complete", "stopped", "failed"} if "infeasible" in wanted else set())
+        optuna_states = tuple(s for s, n in _STATE_NAME.items() if n in names) if wanted else None
+        records = [
             self._trial_record(study_name, t)
             for t in self.optuna_storage.get_all_trials(
                 study_id, deepcopy=False, states=optuna_states
             )
         ]
+        return [r for r in records if r.state in wanted] if wanted else records
 
     @storage_errors
     def trial(self, trial_id: int) -> TrialRecord:

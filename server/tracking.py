@@ -34,7 +34,12 @@ __all__ = ["Tracker", "NullTracker", "MlflowTracker"]
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-_RUN_STATUS = {"complete": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+_RUN_STATUS = {
+    "complete": "FINISHED",
+    "stopped": "KILLED",
+    "failed": "FAILED",
+    "infeasible": "KILLED",
+}
 
 
 class Tracker(Protocol):

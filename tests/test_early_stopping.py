@@ -80,4 +80,4 @@ def test_status_shows_why_a_trial_was_stopped(
     _report(worker_client, "w1", 8, 2.0, 500.0)
     _report(worker_client, "w2", 8, 3.0, 600.0)
     text = render_status(study_client, asha_spec.name)
-    assert "stopped / failed:" in text and "stopped at rung 8" in text
+    assert "stopped / failed / infeasible:" in text and "stopped at rung 8" in text

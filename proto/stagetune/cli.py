@@ -27,7 +27,14 @@ from stagetune.v1 import types_pb2 as pb
 __all__ = ["main"]
 
 _STUDY_STATE = {1: "running", 2: "stopped", 3: "done"}
-_TRIAL_STATE = {1: "waiting", 2: "running", 3: "complete", 4: "stopped", 5: "failed"}
+_TRIAL_STATE = {
+    1: "waiting",
+    2: "running",
+    3: "complete",
+    4: "stopped",
+    5: "failed",
+    6: "infeasible",
+}
 
 
 def _fmt(value: Any) -> str:
@@ -113,12 +120,13 @@ def _counts(study: pb.Study) -> str:
     c = study.counts
     return (
         f"{c.complete} complete, {c.stopped} stopped, {c.failed} failed, "
-        f"{c.running} running, {c.waiting} waiting"
+        f"{c.infeasible} infeasible, {c.running} running, {c.waiting} waiting"
     )
 
 
 def _finished(study: pb.Study) -> int:
-    return study.counts.complete + study.counts.stopped + study.counts.failed
+    c = study.counts
+    return c.complete + c.stopped + c.failed + c.infeasible
 
 
 def render_status(client: StudyClient, name: str | None) -> str:
@@ -160,9 +168,13 @@ def render_status(client: StudyClient, name: str | None) -> str:
         out.append("\nPareto front:")
         rows = [[t.trial_id, t.number, *t.objective_values] for t in front]
         out.append(_table(["trial", "#", *metrics], rows))
-    ended = [t for t in trials if t.state in (pb.TRIAL_STATE_STOPPED, pb.TRIAL_STATE_FAILED)]
+    ended = [
+        t
+        for t in trials
+        if t.state in (pb.TRIAL_STATE_STOPPED, pb.TRIAL_STATE_FAILED, pb.TRIAL_STATE_INFEASIBLE)
+    ]
     if ended:
-        out.append("\nstopped / failed:")
+        out.append("\nstopped / failed / infeasible:")
         rows = [
             [t.trial_id, _TRIAL_STATE[t.state], t.reason.splitlines()[0][:80] if t.reason else ""]
             for t in ended[-10:]

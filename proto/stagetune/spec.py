@@ -39,6 +39,7 @@ __all__ = [
     "CategoricalParam",
     "ParamSpec",
     "ObjectiveSpec",
+    "ConstraintSpec",
     "FidelitySpec",
     "SamplerConfig",
     "BudgetSpec",
@@ -126,6 +127,29 @@ class BudgetSpec:
 
 
 @dataclass(frozen=True)
+class ConstraintSpec:
+    """A hard limit on a metric: ``min <= value <= max`` (either side may be open)."""
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    def excess(self, value: float) -> float:
+        """How far ``value`` lies outside the limit (0 when it is inside; > 0 outside)."""
+        over = value - self.max if self.max is not None else 0.0
+        under = self.min - value if self.min is not None else 0.0
+        return max(0.0, over, under)
+
+    def describe(self) -> str:
+        parts = []
+        if self.min is not None:
+            parts.append(f"{self.metric} >= {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{self.metric} <= {self.max:g}")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     stage: str
@@ -136,6 +160,15 @@ class StudySpec:
     sampler: SamplerConfig = SamplerConfig()
     runner: dict[str, Any] = field(default_factory=dict)
     early_stopping: EarlyStoppingName = "mo_asha"
+    constraints: tuple[ConstraintSpec, ...] = ()
+
+    def violated(self, metrics: dict[str, float]) -> str:
+        """The first constraint ``metrics`` break, described with the value; "" if none."""
+        for c in self.constraints:
+            value = metrics.get(c.metric)
+            if value is not None and c.excess(value) > 0:
+                return f"{c.metric} = {value:g} breaks {c.describe()}"
+        return ""
 
     @property
     def directions(self) -> list[Direction]:
@@ -254,6 +287,7 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
             "sampler",
             "runner",
             "early_stopping",
+            "constraints",
         },
         "",
     )
@@ -341,7 +375,46 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
         sampler,
         runner,
         _EARLY_STOPPING[stopping],
+        _constraints_from(data.get("constraints", [])),
     )
+
+
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*(\S+)\s*$")
+
+
+def _constraints_from(data: Any) -> tuple[ConstraintSpec, ...]:
+    """``constraints:`` items as "metric <= value" / "metric >= value" strings or
+    mappings ``{metric, max, min}``."""
+    if not isinstance(data, Sequence) or isinstance(data, str):
+        raise InvalidArgument("constraints", "must be a list")
+    out = []
+    for i, item in enumerate(data):
+        where = f"constraints[{i}]"
+        if isinstance(item, str):
+            m = _CONSTRAINT.match(item)
+            if m is None:
+                raise InvalidArgument(
+                    where, f"expected 'metric <= value' or 'metric >= value', got {item!r}"
+                )
+            metric, op, raw = m.groups()
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InvalidArgument(where, f"{raw!r} is not a number") from None
+            out.append(
+                ConstraintSpec(metric, max=value)
+                if op == "<="
+                else ConstraintSpec(metric, min=value)
+            )
+            continue
+        entry = _mapping(item, where)
+        _known(entry, {"metric", "max", "min"}, where)
+        metric = entry.get("metric")
+        if not isinstance(metric, str):
+            raise InvalidArgument(f"{where}.metric", "is required")
+        bounds = {k: _number(entry[k], f"{where}.{k}") for k in ("max", "min") if k in entry}
+        out.append(ConstraintSpec(metric, **bounds))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- validation
@@ -460,6 +533,17 @@ def validate_spec(spec: StudySpec) -> None:
             raise InvalidArgument(f"objectives[{i}].direction", "must be minimize or maximize")
         if o.reference is not None:
             _finite(o.reference, f"objectives[{i}].reference")
+    for i, c in enumerate(spec.constraints):
+        where = f"constraints[{i}]"
+        if c.metric not in METRICS:
+            raise InvalidArgument(f"{where}.metric", f"unknown metric {c.metric!r}")
+        if c.max is None and c.min is None:
+            raise InvalidArgument(where, "needs max, min or both")
+        for end, value in (("max", c.max), ("min", c.min)):
+            if value is not None:
+                _finite(value, f"{where}.{end}")
+        if c.max is not None and c.min is not None and c.min > c.max:
+            raise InvalidArgument(f"{where}.min", f"must be <= max ({c.min} > {c.max})")
     f = spec.fidelity
     if f.min_steps < 1:
         raise InvalidArgument("fidelity.min_steps", "must be >= 1")
@@ -697,6 +781,12 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
             om.reference = o.reference
     msg.runner.update(_jsonable(spec.runner))
     msg.early_stopping = _STOPPING_TO_PB[spec.early_stopping]
+    for c in spec.constraints:
+        cm = msg.constraints.add(metric=c.metric)
+        if c.max is not None:
+            cm.max = c.max
+        if c.min is not None:
+            cm.min = c.min
     return msg
 
 
@@ -767,4 +857,12 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
         ),
         runner=runner,
         early_stopping=_STOPPING_FROM_PB[msg.early_stopping],
+        constraints=tuple(
+            ConstraintSpec(
+                c.metric,
+                max=c.max if c.HasField("max") else None,
+                min=c.min if c.HasField("min") else None,
+            )
+            for c in msg.constraints
+        ),
     )

@@ -54,6 +54,7 @@ class TrialState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRIAL_STATE_COMPLETE: _ClassVar[TrialState]
     TRIAL_STATE_STOPPED: _ClassVar[TrialState]
     TRIAL_STATE_FAILED: _ClassVar[TrialState]
+    TRIAL_STATE_INFEASIBLE: _ClassVar[TrialState]
 
 class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -93,6 +94,7 @@ TRIAL_STATE_RUNNING: TrialState
 TRIAL_STATE_COMPLETE: TrialState
 TRIAL_STATE_STOPPED: TrialState
 TRIAL_STATE_FAILED: TrialState
+TRIAL_STATE_INFEASIBLE: TrialState
 DECISION_UNSPECIFIED: Decision
 DECISION_CONTINUE: Decision
 DECISION_STOP: Decision
@@ -191,8 +193,18 @@ class Budget(_message.Message):
     max_retries: int
     def __init__(self, max_trials: _Optional[int] = ..., max_retries: _Optional[int] = ...) -> None: ...
 
+class Constraint(_message.Message):
+    __slots__ = ("metric", "max", "min")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    max: float
+    min: float
+    def __init__(self, metric: _Optional[str] = ..., max: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
+
 class StudySpec(_message.Message):
-    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner", "early_stopping")
+    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner", "early_stopping", "constraints")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +214,7 @@ class StudySpec(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     RUNNER_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: Stage
     search_space: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
@@ -211,21 +224,24 @@ class StudySpec(_message.Message):
     budget: Budget
     runner: _struct_pb2.Struct
     early_stopping: EarlyStopping
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, str]] = ...) -> None: ...
+    constraints: _containers.RepeatedCompositeFieldContainer[Constraint]
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, str]] = ..., constraints: _Optional[_Iterable[_Union[Constraint, _Mapping]]] = ...) -> None: ...
 
 class TrialCounts(_message.Message):
-    __slots__ = ("waiting", "running", "complete", "stopped", "failed")
+    __slots__ = ("waiting", "running", "complete", "stopped", "failed", "infeasible")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    INFEASIBLE_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     complete: int
     stopped: int
     failed: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., complete: _Optional[int] = ..., stopped: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
+    infeasible: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., complete: _Optional[int] = ..., stopped: _Optional[int] = ..., failed: _Optional[int] = ..., infeasible: _Optional[int] = ...) -> None: ...
 
 class Study(_message.Message):
     __slots__ = ("spec", "state", "counts", "create_time", "mlflow_experiment_id", "mlflow_run_id", "hypervolume")
