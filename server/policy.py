@@ -139,6 +139,13 @@ class OptunaPolicy:
         self._study(spec).tell(trial.number, state=TrialState.FAIL)
 
     @storage_errors
+    def seed(self, spec: StudySpec, params: dict[str, ParamValue], source: str) -> None:
+        """Queue a warm-start configuration as a first attempt (it counts in the budget)."""
+        self._study(spec).enqueue_trial(
+            dict(params), user_attrs={st.STUDY: spec.name, st.ATTEMPT: 1, st.SEED: source}
+        )
+
+    @storage_errors
     def requeue(self, spec: StudySpec, params: dict[str, ParamValue], attempt: int) -> None:
         """Queue the same params as a new attempt; the next ``ask`` hands it out first."""
         self._study(spec).enqueue_trial(

@@ -24,8 +24,9 @@ from server.policy import OptunaPolicy
 from server.records import StudyHead, StudyRecord, TrialRecord, TrialStateName
 from server.storage import StudyStore
 from server.tracking import NullTracker, Tracker
+from server.warmstart import dedupe, fit_to_space, stage_defaults
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
-from stagetune.spec import StudySpec, validate_spec
+from stagetune.spec import ParamValue, StudySpec, validate_spec
 
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
 
@@ -97,7 +98,13 @@ class StudyService:
 
     def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
         validate_spec(spec)  # raises before anything is written
+        seeds = self._warm_start_seeds(spec)  # so do unknown or mismatched source studies
         record, created = self.store.create_study(spec)
+        if created and seeds:
+            with self._lock(spec.name):
+                for source, params in seeds:
+                    self.policy.seed(spec, params, source)
+            record = self.store.get_study(spec.name)
         if created or not record.mlflow_run_id:
             experiment_id, run_id = self.tracker.study_created(spec)
             if run_id:
@@ -106,6 +113,29 @@ class StudyService:
                     record, mlflow_experiment_id=experiment_id, mlflow_run_id=run_id
                 )
         return record, created
+
+    def _warm_start_seeds(self, spec: StudySpec) -> list[tuple[str, dict[str, ParamValue]]]:
+        """Seeds for a new study, checked before it is created: defaults first, then each
+        source study's Pareto set, cut to this search space, at most max_trials."""
+        seeds: list[tuple[str, dict[str, ParamValue]]] = []
+        if spec.warm_start.defaults:
+            for params in stage_defaults(spec.stage):
+                seeds.append((f"defaults:{spec.stage}", fit_to_space(spec, params)))
+        for i, name in enumerate(spec.warm_start.studies):
+            where = f"warm_start.studies[{i}]"
+            try:
+                source = self.store.get_study(name)
+            except NotFound:
+                raise InvalidArgument(where, f"no study named {name!r}") from None
+            if source.spec.stage != spec.stage:
+                raise InvalidArgument(
+                    where, f"{name!r} tunes stage {source.spec.stage}, not {spec.stage}"
+                )
+            ranked = self._ranked(source.spec, self.store.trials(name, ["complete"]))
+            for t in ranked:
+                if t.pareto_rank == 1:
+                    seeds.append((f"study:{name}#{t.number}", fit_to_space(spec, t.params)))
+        return dedupe(seeds)[: spec.budget.max_trials]
 
     def get_study(self, name: str) -> StudyRecord:
         return self.store.get_study(name)

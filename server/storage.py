@@ -66,6 +66,7 @@ REASON = "st_reason"
 METRICS = "st_metrics"
 RUN_ID = "st_mlflow_run_id"
 RUNG_PREFIX = "st_rung_"
+SEED = "st_seed"  # where a warm-start trial's params came from
 INFEASIBLE = "st_infeasible"  # the broken constraint, or "out of memory"
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "ParamSpec",
     "ObjectiveSpec",
     "ConstraintSpec",
+    "WarmStartSpec",
     "FidelitySpec",
     "SamplerConfig",
     "BudgetSpec",
@@ -150,6 +151,15 @@ class ConstraintSpec:
 
 
 @dataclass(frozen=True)
+class WarmStartSpec:
+    """Seeds queued before the sampler's first proposal: the Pareto sets of earlier
+    studies of the same stage, and the stage's defaults from configs/warm_start.yaml."""
+
+    studies: tuple[str, ...] = ()
+    defaults: bool = False
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     stage: str
@@ -161,6 +171,7 @@ class StudySpec:
     runner: dict[str, Any] = field(default_factory=dict)
     early_stopping: EarlyStoppingName = "mo_asha"
     constraints: tuple[ConstraintSpec, ...] = ()
+    warm_start: WarmStartSpec = WarmStartSpec()
 
     def violated(self, metrics: dict[str, float]) -> str:
         """The first constraint ``metrics`` break, described with the value; "" if none."""
@@ -288,6 +299,7 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
             "runner",
             "early_stopping",
             "constraints",
+            "warm_start",
         },
         "",
     )
@@ -376,7 +388,20 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
         runner,
         _EARLY_STOPPING[stopping],
         _constraints_from(data.get("constraints", [])),
+        _warm_start_from(data.get("warm_start", {})),
     )
+
+
+def _warm_start_from(data: Any) -> WarmStartSpec:
+    entry = _mapping(data, "warm_start")
+    _known(entry, {"studies", "defaults"}, "warm_start")
+    studies = entry.get("studies", [])
+    if not isinstance(studies, list) or not all(isinstance(s, str) for s in studies):
+        raise InvalidArgument("warm_start.studies", "must be a list of study names")
+    defaults = entry.get("defaults", False)
+    if not isinstance(defaults, bool):
+        raise InvalidArgument("warm_start.defaults", "must be true or false")
+    return WarmStartSpec(tuple(studies), defaults)
 
 
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*(\S+)\s*$")
@@ -533,6 +558,11 @@ def validate_spec(spec: StudySpec) -> None:
             raise InvalidArgument(f"objectives[{i}].direction", "must be minimize or maximize")
         if o.reference is not None:
             _finite(o.reference, f"objectives[{i}].reference")
+    for i, source in enumerate(spec.warm_start.studies):
+        if not _NAME.match(source):
+            raise InvalidArgument(f"warm_start.studies[{i}]", f"{source!r} is not a study name")
+        if source == spec.name:
+            raise InvalidArgument(f"warm_start.studies[{i}]", "a study cannot seed itself")
     for i, c in enumerate(spec.constraints):
         where = f"constraints[{i}]"
         if c.metric not in METRICS:
@@ -781,6 +811,10 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
             om.reference = o.reference
     msg.runner.update(_jsonable(spec.runner))
     msg.early_stopping = _STOPPING_TO_PB[spec.early_stopping]
+    if spec.warm_start != WarmStartSpec():
+        msg.warm_start.CopyFrom(
+            pb.WarmStart(studies=list(spec.warm_start.studies), defaults=spec.warm_start.defaults)
+        )
     for c in spec.constraints:
         cm = msg.constraints.add(metric=c.metric)
         if c.max is not None:
@@ -865,4 +899,5 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
             )
             for c in msg.constraints
         ),
+        warm_start=WarmStartSpec(tuple(msg.warm_start.studies), msg.warm_start.defaults),
     )

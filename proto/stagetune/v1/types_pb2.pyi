@@ -203,8 +203,16 @@ class Constraint(_message.Message):
     min: float
     def __init__(self, metric: _Optional[str] = ..., max: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
+class WarmStart(_message.Message):
+    __slots__ = ("studies", "defaults")
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    studies: _containers.RepeatedScalarFieldContainer[str]
+    defaults: bool
+    def __init__(self, studies: _Optional[_Iterable[str]] = ..., defaults: _Optional[bool] = ...) -> None: ...
+
 class StudySpec(_message.Message):
-    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner", "early_stopping", "constraints")
+    __slots__ = ("name", "stage", "search_space", "objectives", "fidelity", "sampler", "budget", "runner", "early_stopping", "constraints", "warm_start")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +223,7 @@ class StudySpec(_message.Message):
     RUNNER_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: Stage
     search_space: _containers.RepeatedCompositeFieldContainer[ParameterSpec]
@@ -225,7 +234,8 @@ class StudySpec(_message.Message):
     runner: _struct_pb2.Struct
     early_stopping: EarlyStopping
     constraints: _containers.RepeatedCompositeFieldContainer[Constraint]
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, str]] = ..., constraints: _Optional[_Iterable[_Union[Constraint, _Mapping]]] = ...) -> None: ...
+    warm_start: WarmStart
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., search_space: _Optional[_Iterable[_Union[ParameterSpec, _Mapping]]] = ..., objectives: _Optional[_Iterable[_Union[Objective, _Mapping]]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., runner: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., early_stopping: _Optional[_Union[EarlyStopping, str]] = ..., constraints: _Optional[_Iterable[_Union[Constraint, _Mapping]]] = ..., warm_start: _Optional[_Union[WarmStart, _Mapping]] = ...) -> None: ...
 
 class TrialCounts(_message.Message):
     __slots__ = ("waiting", "running", "complete", "stopped", "failed", "infeasible")
