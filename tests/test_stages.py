@@ -251,3 +251,40 @@ def test_dpo_starts_from_a_lora_result_logged_to_mlflow(
     assert (Path(dpo.output_dir) / "model" / "adapter_config.json").exists()
     rank0 = json.loads((Path(dpo.output_dir) / "rank-0.json").read_text())
     assert rank0["reference"] == "frozen copy of the starting adapter"
+
+
+@pytest.mark.parametrize("kind", ["parquet", "datasets-folder", "jsonl.gz"])
+def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
+    kind: str, tmp_path: Path
+) -> None:
+    import datasets
+
+    from stagetune.datafiles import columns_of
+    from trainer.tasks import load_sft_dataset
+
+    rows = [{"q": f"What is {i} plus 1?", "a": str(i + 1), "noise": i} for i in range(20)]
+    table = datasets.Dataset.from_list(rows)
+    if kind == "parquet":
+        path = tmp_path / "pairs.parquet"
+        table.to_parquet(str(path))
+    elif kind == "datasets-folder":
+        path = tmp_path / "saved"
+        table.save_to_disk(str(path))
+    else:
+        path = tmp_path / "pairs.jsonl.gz"
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert columns_of(path) == {"q", "a", "noise"}
+    cfg = {
+        "path": str(path),
+        "prompt_columns": ["q"],
+        "completion_column": "a",
+        "train_size": 16,
+        "eval_size": 4,  # the eval split is at most a fifth of the rows
+    }
+    data = config("sft")
+    data["runner"]["data"] = cfg
+    validate_spec(spec_from_mapping(data))  # the submit-time column check reads it too
+    train, evals = load_sft_dataset(cfg)
+    assert (len(train), len(evals)) == (16, 4)
+    assert train[0]["prompt"].startswith("What is") and train[0]["completion"].startswith(" ")
