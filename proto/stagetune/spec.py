@@ -203,6 +203,20 @@ class StudySpec:
 # ---------------------------------------------------------------- YAML → spec
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader (no Python tags) that also refuses anchors and aliases: a study
+    config never needs them, and nested aliases ("billion laughs") expand exponentially
+    once the spec is copied or serialised."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed in a study config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def load_spec_file(path: str | Path) -> StudySpec:
     """Read a study config file (YAML), then build and validate the spec."""
     p = Path(path)
@@ -213,7 +227,7 @@ def load_spec_file(path: str | Path) -> StudySpec:
     if size > MAX_SPEC_BYTES:
         raise InvalidArgument(str(path), f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (safe, no aliases)
     except yaml.YAMLError as e:
         raise InvalidArgument(str(path), f"not valid YAML: {e}") from None
     if not isinstance(data, Mapping):
@@ -874,7 +888,12 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
         sampler_kind = _SAMPLER_FROM_PB[msg.sampler.kind]
     else:
         raise InvalidArgument("sampler.kind", f"unknown sampler {msg.sampler.kind}")
-    runner = _restore_ints(json_format.MessageToDict(msg.runner)) if msg.HasField("runner") else {}
+    try:
+        runner = (
+            _restore_ints(json_format.MessageToDict(msg.runner)) if msg.HasField("runner") else {}
+        )
+    except ValueError:  # NaN or infinity somewhere in the struct: JSON cannot carry it
+        raise InvalidArgument("runner", "numbers must be finite") from None
     if msg.early_stopping not in _STOPPING_FROM_PB:
         raise InvalidArgument("early_stopping", "must be NONE or MO_ASHA")
     return StudySpec(
