@@ -136,22 +136,26 @@ def measure_decode_latency(
     prompts: Sequence[str] = FIXED_PROMPTS,
     max_new_tokens: int = 16,
     warmup: int = 1,
+    repeats: int = 3,
 ) -> DecodeLatency:
     """Time greedy decoding of each prompt alone (batch size 1) on the model's device.
 
-    Per prompt, two generates run under `torch.inference_mode` in eval mode (the previous
-    train/eval mode is restored afterwards): one of 1 new token, whose time is the TTFT,
-    and one of exactly `max_new_tokens` (`min_new_tokens` equal to it, so an early EOS
-    cannot shorten a run and every trial decodes the same count). Per-token latency is
+    Per prompt, two kinds of generate run under `torch.inference_mode` in eval mode (the
+    previous train/eval mode is restored afterwards), each `repeats` times, keeping the
+    fastest: one of 1 new token, whose time is the TTFT, and one of exactly
+    `max_new_tokens` (`min_new_tokens` equal to it, so an early EOS cannot shorten a run
+    and every trial decodes the same count). Per-token latency is
     `(full - ttft) / (new_tokens - 1)`, i.e. the steady decode step without prefill, or
-    `full / new_tokens` when `max_new_tokens == 1`; both are averaged over prompts and
-    reported in ms. `tokens` is `max_new_tokens * len(prompts)`. `warmup` untimed rounds
-    (both generates on the first prompt) absorb one-off costs such as kernel selection.
+    `full / new_tokens` when `max_new_tokens == 1` or when noise made the full run look
+    no slower than the first token (never a negative latency); both are averaged over
+    prompts and reported in ms. `tokens` is `max_new_tokens * len(prompts)`. `warmup`
+    untimed rounds (both generates on the first prompt) absorb one-off costs such as
+    kernel selection.
     CUDA is synchronised around every timed call. The pad token falls back to EOS when
     the tokenizer has none. Pass the unwrapped model (not a DDP/DeepSpeed engine).
 
     Raises:
-        ValueError: no prompts, `max_new_tokens < 1` or `warmup < 0`.
+        ValueError: no prompts, `max_new_tokens < 1`, `warmup < 0` or `repeats < 1`.
     """
     if len(prompts) == 0:
         raise ValueError("prompts: need at least one prompt")
@@ -159,6 +163,8 @@ def measure_decode_latency(
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if warmup < 0:
         raise ValueError(f"warmup: must be >= 0, got {warmup}")
+    if repeats < 1:
+        raise ValueError(f"repeats: must be >= 1, got {repeats}")
     import torch
 
     pad_token_id = tokenizer.pad_token_id
@@ -179,13 +185,21 @@ def measure_decode_latency(
             per_token: list[float] = []
             tokens = 0
             for ids, mask in inputs:
-                first, _ = _timed_generate(model, ids, mask, 1, pad_token_id)
-                full, generated = _timed_generate(model, ids, mask, max_new_tokens, pad_token_id)
+                # The fastest of `repeats` runs: interference from other processes only
+                # ever adds time, so the minimum is the least noisy estimate.
+                first = min(
+                    _timed_generate(model, ids, mask, 1, pad_token_id)[0] for _ in range(repeats)
+                )
+                runs = [
+                    _timed_generate(model, ids, mask, max_new_tokens, pad_token_id)
+                    for _ in range(repeats)
+                ]
+                full, generated = min(runs)
                 ttfts.append(first)
                 tokens += generated
-                if generated > 1:
+                if generated > 1 and full > first:
                     per_token.append((full - first) / (generated - 1))
-                else:
+                else:  # one token, or noise larger than the decode steps: no prefill split
                     per_token.append(full / max(generated, 1))
     finally:
         model.train(was_training)

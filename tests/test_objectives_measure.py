@@ -163,3 +163,5 @@ def test_decode_latency_rejects_bad_arguments(tiny_lm: tuple[Any, Any]) -> None:
         measure_decode_latency(model, tokenizer, FIXED_PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="warmup"):
         measure_decode_latency(model, tokenizer, FIXED_PROMPTS, warmup=-1)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_decode_latency(model, tokenizer, FIXED_PROMPTS, repeats=0)
