@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch for machines without a GPU; on GPU nodes install your CUDA torch first.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-all proto lint typecheck clean
+.PHONY: setup demo test test-all soak proto lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: setup  ## lint, type-check and the full test suite (what CI runs)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra
+
+soak: setup  ## the load tests at full size (32 workers x 20 trials SQLite, 64 on PostgreSQL)
+	$(BIN)/pytest -q -ra -s -m soak
 
 proto: setup  ## regenerate the committed gRPC stubs from proto/
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto \
