@@ -25,6 +25,7 @@ from server.service import StudyService
 from server.servicer import StudyServicer, WorkerServicer
 from server.storage import StudyStore, default_storage_url
 from server.tracking import MlflowTracker, NullTracker, Tracker
+from stagetune.redact import redact_text
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import worker_service_pb2 as ws
@@ -141,8 +142,8 @@ def run_server(settings: ServerSettings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(
         f"stagetune serving on {server.address}\n"
-        f"  storage:  {settings.resolved_storage_url()}\n"
-        f"  tracking: {settings.resolved_tracking_uri() or 'off'}",
+        f"  storage:  {redact_text(settings.resolved_storage_url())}\n"
+        f"  tracking: {redact_text(settings.resolved_tracking_uri()) or 'off'}",
         flush=True,
     )
     stop.wait()

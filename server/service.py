@@ -26,6 +26,7 @@ from server.storage import StudyStore
 from server.tracking import NullTracker, Tracker
 from server.warmstart import dedupe, fit_to_space, stage_defaults
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
+from stagetune.redact import redact_text
 from stagetune.spec import ParamValue, StudySpec, validate_spec
 
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
@@ -362,7 +363,7 @@ class StudyService:
         """Fail an attempt. Out of memory is a fact about the params, not bad luck: the
         trial is marked infeasible and never retried."""
         spec = study.spec
-        attrs: dict[str, object] = {st.REASON: reason[:8000]}
+        attrs: dict[str, object] = {st.REASON: redact_text(reason)[:8000]}
         if infeasible:
             attrs[st.INFEASIBLE] = "out of memory"
         self.store.set_trial_attrs(trial.trial_id, attrs)

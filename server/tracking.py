@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from google.protobuf import json_format
 
 from server.records import TrialRecord
+from stagetune.redact import redact, redact_text
 from stagetune.spec import StudySpec, spec_to_proto
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker"]
@@ -113,7 +114,7 @@ def _flat_params(spec: StudySpec) -> dict[str, str]:
     for p in spec.search_space:
         fields = {k: v for k, v in vars(p).items() if k != "name"}
         params[f"space.{p.name}"] = str(fields)[:500]
-    return params
+    return {k: redact_text(v) for k, v in params.items()}
 
 
 class MlflowTracker:
@@ -247,7 +248,7 @@ class MlflowTracker:
                 for key, value in _flat_params(spec).items():
                     self._client.log_param(run_id, key, value)
                 self._client.log_dict(
-                    run_id, json_format.MessageToDict(spec_to_proto(spec)), "spec.json"
+                    run_id, redact(json_format.MessageToDict(spec_to_proto(spec))), "spec.json"
                 )
                 self._parents[spec.name] = run_id
         return exp, self._parents[spec.name]
@@ -302,7 +303,7 @@ class MlflowTracker:
         self._client.set_tag(run_id, "state", trial.state)
         self._client.set_tag(run_id, "worker", trial.worker_id)
         if trial.reason:
-            self._client.set_tag(run_id, "reason", trial.reason[:5000])
+            self._client.set_tag(run_id, "reason", redact_text(trial.reason)[:5000])
         if trial.state != "complete":
             self._client.set_tag(run_id, "pareto_front", "false")
             self._client.set_tag(run_id, "pareto_rank", "0")

@@ -20,6 +20,7 @@ from typing import Any
 
 from stagetune.client import DEFAULT_ADDRESS, StudyClient
 from stagetune.errors import StagetuneError
+from stagetune.redact import RedactingFilter
 from stagetune.spec import load_spec_file, value_from_proto
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import types_pb2 as pb
@@ -329,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no secret reaches a log line
     try:
         return int(args.fn(args))
     except StagetuneError as e:
