@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -56,6 +58,15 @@ class ParetoView:
     front: list[TrialRecord]
     hypervolume: float
     knee_trial_id: int
+
+
+def _fingerprint(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > 128:
+        raise InvalidArgument("request_id", "must be at most 128 characters")
 
 
 def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
@@ -241,15 +252,38 @@ class StudyService:
             raise FailedPrecondition(f"trial {trial_id} is held by another worker")
         return study, trial
 
+    def _repeat(self, trial_id: int, request_id: str, payload: str) -> dict[str, object] | None:
+        """The first answer to this idempotency key, or None when it is new; the same key
+        with a different payload is refused."""
+        seen = self.store.request(trial_id, request_id)
+        if seen is None:
+            return None
+        if seen.get("payload") != payload:
+            raise InvalidArgument("request_id", "was already used with a different payload")
+        answer = seen.get("answer")
+        return dict(answer) if isinstance(answer, dict) else {}
+
     def report_progress(
-        self, trial_id: int, worker_id: str, step: int, metrics: dict[str, float]
+        self,
+        trial_id: int,
+        worker_id: str,
+        step: int,
+        metrics: dict[str, float],
+        request_id: str = "",
     ) -> tuple[bool, str, datetime]:
         """Record a rung report; returns (stop?, reason, lease expiry)."""
         if step <= 0:
             raise InvalidArgument("step", "must be > 0")
         _finite_metrics(metrics)
+        _check_request_id(request_id)
         trial = self.store.trial(trial_id)
+        payload = _fingerprint({"worker": worker_id, "step": step, "metrics": metrics})
         with self._lock(trial.study_name or "?"):
+            if request_id:
+                first = self._repeat(trial_id, request_id, payload)
+                if first is not None:  # a retry: the first answer, nothing changes
+                    lease_at = self.store.trial(trial_id).lease_expires or datetime.now(UTC)
+                    return bool(first["stop"]), str(first["reason"]), lease_at
             study, trial = self._held(trial_id, worker_id)
             lease = self._lease_until()
             self.store.set_trial_attrs(trial_id, {st.LEASE: lease})
@@ -264,6 +298,10 @@ class StudyService:
                 stop, reason = True, f"infeasible at rung {step}: {violation}"
             else:
                 stop, reason = self.policy.decide(study.spec, trial, step, metrics)
+            if request_id:
+                answer = {"stop": stop, "reason": reason}
+                key = st.REQUEST_PREFIX + request_id
+                self.store.set_trial_attrs(trial_id, {key: {"payload": payload, "answer": answer}})
             if stop:
                 attrs: dict[str, object] = {st.REASON: reason}
                 if violation:
@@ -282,11 +320,17 @@ class StudyService:
             self.store.set_trial_attrs(trial_id, {st.LEASE: lease})
         return datetime.fromtimestamp(lease, UTC), study.state == "stopped"
 
-    def complete(self, trial_id: int, worker_id: str, metrics: dict[str, float]) -> TrialRecord:
+    def complete(
+        self, trial_id: int, worker_id: str, metrics: dict[str, float], request_id: str = ""
+    ) -> TrialRecord:
         """Record the final metrics. Repeating the same call returns the same trial."""
         _finite_metrics(metrics)
+        _check_request_id(request_id)
+        payload = _fingerprint({"worker": worker_id, "metrics": metrics})
         trial = self.store.trial(trial_id)
         with self._lock(trial.study_name or "?"):
+            if request_id and self._repeat(trial_id, request_id, payload) is not None:
+                return self.store.trial(trial_id)
             trial = self.store.trial(trial_id)
             if trial.state == "complete" and trial.worker_id == worker_id:
                 if trial.metrics == metrics:
@@ -299,6 +343,8 @@ class StudyService:
                 raise InvalidArgument(f"metrics.{missing[0]}", "objective metric missing")
             values = [metrics[m] for m in spec.metric_names]
             attrs: dict[str, object] = {st.METRICS: metrics}
+            if request_id:
+                attrs[st.REQUEST_PREFIX + request_id] = {"payload": payload, "answer": {}}
             violation = spec.violated(metrics)
             if violation:  # measured only at the end (e.g. decode latency): off the front
                 attrs[st.INFEASIBLE] = violation
@@ -329,11 +375,22 @@ class StudyService:
         self.tracker.front_changed(spec, ranked, hv, len(ranked))
 
     def fail(
-        self, trial_id: int, worker_id: str, kind: FailureKindName, reason: str
+        self,
+        trial_id: int,
+        worker_id: str,
+        kind: FailureKindName,
+        reason: str,
+        request_id: str = "",
     ) -> tuple[TrialRecord, bool]:
         """Fail an attempt. An interruption queues the same params again (within retries)."""
+        _check_request_id(request_id)
+        payload = _fingerprint({"worker": worker_id, "kind": kind, "reason": reason})
         trial = self.store.trial(trial_id)
         with self._lock(trial.study_name or "?"):
+            if request_id:
+                first = self._repeat(trial_id, request_id, payload)
+                if first is not None:
+                    return self.store.trial(trial_id), bool(first.get("requeued", False))
             trial = self.store.trial(trial_id)
             if trial.state == "failed" and trial.worker_id == worker_id:
                 return trial, False  # a retry of a call that already took effect
@@ -349,6 +406,7 @@ class StudyService:
                 f"{label[kind]}: {reason}".strip(),
                 requeue=kind == "interrupted",
                 infeasible=kind == "out_of_memory",
+                request=(request_id, payload) if request_id else None,
             )
 
     def _fail_locked(
@@ -359,16 +417,21 @@ class StudyService:
         *,
         requeue: bool,
         infeasible: bool = False,
+        request: tuple[str, str] | None = None,
     ) -> tuple[TrialRecord, bool]:
         """Fail an attempt. Out of memory is a fact about the params, not bad luck: the
-        trial is marked infeasible and never retried."""
+        trial is marked infeasible and never retried. ``request``: (idempotency key,
+        payload fingerprint) to record with the answer."""
         spec = study.spec
+        requeued = requeue and study.state == "running" and trial.attempt <= spec.budget.max_retries
         attrs: dict[str, object] = {st.REASON: redact_text(reason)[:8000]}
         if infeasible:
             attrs[st.INFEASIBLE] = "out of memory"
+        if request is not None:
+            key, payload = request
+            attrs[st.REQUEST_PREFIX + key] = {"payload": payload, "answer": {"requeued": requeued}}
         self.store.set_trial_attrs(trial.trial_id, attrs)
         self.policy.tell_failed(spec, trial)
-        requeued = requeue and study.state == "running" and trial.attempt <= spec.budget.max_retries
         if requeued:
             self.policy.requeue(spec, trial.params, trial.attempt + 1)
         final = self.store.trial(trial.trial_id)

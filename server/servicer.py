@@ -174,7 +174,11 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         self, request: ws.ReportProgressRequest, context: grpc.ServicerContext
     ) -> ws.ReportProgressResponse:
         stop, reason, lease = self._service.report_progress(
-            request.trial_id, request.worker_id, request.step, dict(request.metrics)
+            request.trial_id,
+            request.worker_id,
+            request.step,
+            dict(request.metrics),
+            request.request_id,
         )
         return ws.ReportProgressResponse(
             decision=pb.DECISION_STOP if stop else pb.DECISION_CONTINUE,
@@ -191,7 +195,9 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
     def CompleteTrial(
         self, request: ws.CompleteTrialRequest, context: grpc.ServicerContext
     ) -> ws.CompleteTrialResponse:
-        trial = self._service.complete(request.trial_id, request.worker_id, dict(request.metrics))
+        trial = self._service.complete(
+            request.trial_id, request.worker_id, dict(request.metrics), request.request_id
+        )
         return ws.CompleteTrialResponse(trial=trial_to_proto(trial))
 
     def FailTrial(
@@ -205,5 +211,6 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
             request.worker_id,
             kind,  # type: ignore[arg-type]
             request.reason,
+            request.request_id,
         )
         return ws.FailTrialResponse(trial=trial_to_proto(trial), requeued=requeued)

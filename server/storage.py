@@ -68,6 +68,7 @@ RUN_ID = "st_mlflow_run_id"
 RUNG_PREFIX = "st_rung_"
 SEED = "st_seed"  # where a warm-start trial's params came from
 INFEASIBLE = "st_infeasible"  # the broken constraint, or "out of memory"
+REQUEST_PREFIX = "st_req_"  # idempotency key -> {"payload": fingerprint, "answer": {...}}
 
 
 def default_storage_url(data_dir: Path) -> str:
@@ -309,6 +310,13 @@ class StudyStore:
         except KeyError:
             raise NotFound(f"trial {trial_id} not found") from None
         return self._trial_record(str(t.user_attrs.get(STUDY, "")), t)
+
+    @storage_errors
+    def request(self, trial_id: int, request_id: str) -> dict[str, Any] | None:
+        """What was recorded for this idempotency key of the trial, if anything."""
+        attrs = self.optuna_storage.get_trial(trial_id).user_attrs
+        found = attrs.get(REQUEST_PREFIX + request_id)
+        return dict(found) if isinstance(found, dict) else None
 
     @storage_errors
     def set_trial_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:

@@ -179,3 +179,43 @@ def test_an_expired_lease_is_reaped_and_its_params_requeued(
             assert b.trial.attempt == 2 and dict(b.trial.params) == dict(a.trial.params)
     finally:
         srv.stop(grace=0)
+
+
+def test_a_retried_completion_with_its_request_id_changes_nothing_twice(
+    tracked_server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with StudyClient(tracked_server.address) as sc, WorkerClient(tracked_server.address) as wc:
+        study, _ = sc.create_study(lora_spec)
+        tid = wc.acquire("w1").trial.trial_id
+        first = wc.report_progress(tid, "w1", 8, {"eval_loss": 2.0}, request_id="p-1")
+        again = wc.report_progress(tid, "w1", 8, {"eval_loss": 2.0}, request_id="p-1")
+        assert again == first
+        with pytest.raises(InvalidArgument, match="request_id: was already used"):
+            wc.report_progress(tid, "w1", 16, {"eval_loss": 1.5}, request_id="p-1")
+        metrics = objective_metrics(2.0, 3.0, 500.0)
+        done = wc.complete(tid, "w1", metrics, request_id="c-1")
+        # The reply was lost; the worker retries with the same key: the first answer.
+        assert wc.complete(tid, "w1", metrics, request_id="c-1") == done
+        with pytest.raises(InvalidArgument, match="request_id"):
+            wc.complete(tid, "w1", objective_metrics(1.0, 3.0, 500.0), request_id="c-1")
+        (trial,) = sc.list_trials(lora_spec.name)
+        assert trial.state == pb.TRIAL_STATE_COMPLETE and trial.metrics["eval_loss"] == 2.0
+    tracked_server.tracker.flush()
+    client = MlflowClient(tracked_server.settings.resolved_tracking_uri())
+    (run,) = client.search_runs(
+        [study.mlflow_experiment_id], filter_string="tags.`stagetune.kind` = 'trial'"
+    )
+    history = client.get_metric_history(run.info.run_id, "decode_latency_ms")
+    assert len(history) == 1  # one set of final metrics in MLflow
+
+
+def test_a_retried_failure_with_its_request_id_requeues_once(
+    worker_client: WorkerClient, study_client: StudyClient, study: StudySpec
+) -> None:
+    tid = worker_client.acquire("w1").trial.trial_id
+    _, requeued = worker_client.fail(tid, "w1", "interrupted", "node drained", request_id="f-1")
+    _, again = worker_client.fail(tid, "w1", "interrupted", "node drained", request_id="f-1")
+    assert requeued and again
+    assert study_client.get_study(study.name).counts.waiting == 1  # queued once, not twice

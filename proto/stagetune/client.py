@@ -10,6 +10,7 @@ callers never handle ``grpc.RpcError``.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -148,10 +149,21 @@ class WorkerClient(_Client):
         return reply.assignment if reply.WhichOneof("result") == "assignment" else reply.no_trial
 
     def report_progress(
-        self, trial_id: int, worker_id: str, step: int, metrics: dict[str, float]
+        self,
+        trial_id: int,
+        worker_id: str,
+        step: int,
+        metrics: dict[str, float],
+        request_id: str | None = None,
     ) -> ProgressDecision:
+        """Report rung metrics. Every call carries an idempotency key (a fresh one unless
+        given), which the retries of this call reuse: a lost reply never counts twice."""
         request = ws.ReportProgressRequest(
-            trial_id=trial_id, worker_id=worker_id, step=step, metrics=metrics
+            trial_id=trial_id,
+            worker_id=worker_id,
+            step=step,
+            metrics=metrics,
+            request_id=request_id or uuid.uuid4().hex,
         )
         reply = self._call(self._stub.ReportProgress, request)
         return ProgressDecision(reply.decision == pb.DECISION_STOP, reply.reason)
@@ -161,16 +173,37 @@ class WorkerClient(_Client):
         request = ws.HeartbeatRequest(trial_id=trial_id, worker_id=worker_id)
         return self._call(self._stub.Heartbeat, request).should_stop
 
-    def complete(self, trial_id: int, worker_id: str, metrics: dict[str, float]) -> pb.Trial:
-        request = ws.CompleteTrialRequest(trial_id=trial_id, worker_id=worker_id, metrics=metrics)
+    def complete(
+        self,
+        trial_id: int,
+        worker_id: str,
+        metrics: dict[str, float],
+        request_id: str | None = None,
+    ) -> pb.Trial:
+        """Final metrics, with an idempotency key as in ``report_progress``."""
+        request = ws.CompleteTrialRequest(
+            trial_id=trial_id,
+            worker_id=worker_id,
+            metrics=metrics,
+            request_id=request_id or uuid.uuid4().hex,
+        )
         return self._call(self._stub.CompleteTrial, request).trial
 
     def fail(
-        self, trial_id: int, worker_id: str, kind: FailureKindName, reason: str
+        self,
+        trial_id: int,
+        worker_id: str,
+        kind: FailureKindName,
+        reason: str,
+        request_id: str | None = None,
     ) -> tuple[pb.Trial, bool]:
         """Give the trial up; returns it and whether its params were queued again."""
         request = ws.FailTrialRequest(
-            trial_id=trial_id, worker_id=worker_id, kind=_FAILURE_KINDS[kind], reason=reason[-4000:]
+            trial_id=trial_id,
+            worker_id=worker_id,
+            kind=_FAILURE_KINDS[kind],
+            reason=reason[-4000:],
+            request_id=request_id or uuid.uuid4().hex,
         )
         reply = self._call(self._stub.FailTrial, request)
         return reply.trial, reply.requeued

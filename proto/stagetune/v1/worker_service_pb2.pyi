@@ -64,7 +64,7 @@ class AcquireTrialResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., no_trial: _Optional[_Union[NoTrial, _Mapping]] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("trial_id", "worker_id", "step", "metrics")
+    __slots__ = ("trial_id", "worker_id", "step", "metrics", "request_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,11 +76,13 @@ class ReportProgressRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     trial_id: int
     worker_id: str
     step: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ("decision", "reason", "lease_expire_time")
@@ -109,7 +111,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., should_stop: _Optional[bool] = ...) -> None: ...
 
 class CompleteTrialRequest(_message.Message):
-    __slots__ = ("trial_id", "worker_id", "metrics")
+    __slots__ = ("trial_id", "worker_id", "metrics", "request_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,10 +122,12 @@ class CompleteTrialRequest(_message.Message):
     TRIAL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     trial_id: int
     worker_id: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CompleteTrialResponse(_message.Message):
     __slots__ = ("trial",)
@@ -132,16 +136,18 @@ class CompleteTrialResponse(_message.Message):
     def __init__(self, trial: _Optional[_Union[_types_pb2.Trial, _Mapping]] = ...) -> None: ...
 
 class FailTrialRequest(_message.Message):
-    __slots__ = ("trial_id", "worker_id", "kind", "reason")
+    __slots__ = ("trial_id", "worker_id", "kind", "reason", "request_id")
     TRIAL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     trial_id: int
     worker_id: str
     kind: _types_pb2.FailureKind
     reason: str
-    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., kind: _Optional[_Union[_types_pb2.FailureKind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, trial_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., kind: _Optional[_Union[_types_pb2.FailureKind, str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FailTrialResponse(_message.Message):
     __slots__ = ("trial", "requeued")
