@@ -282,7 +282,13 @@ class StudyService:
             if request_id:
                 first = self._repeat(trial_id, request_id, payload)
                 if first is not None:  # a retry: the first answer, nothing changes
-                    lease_at = self.store.trial(trial_id).lease_expires or datetime.now(UTC)
+                    current = self.store.trial(trial_id)
+                    if first.get("stop") and current.state == "running":
+                        # The server died between answering STOP and recording it.
+                        head = self.store.study_head(current.study_name)
+                        infeasible = str(first.get("infeasible", ""))
+                        self._stop(head, current, str(first["reason"]), infeasible, step)
+                    lease_at = current.lease_expires or datetime.now(UTC)
                     return bool(first["stop"]), str(first["reason"]), lease_at
             study, trial = self._held(trial_id, worker_id)
             lease = self._lease_until()
@@ -299,18 +305,23 @@ class StudyService:
             else:
                 stop, reason = self.policy.decide(study.spec, trial, step, metrics)
             if request_id:
-                answer = {"stop": stop, "reason": reason}
+                answer = {"stop": stop, "reason": reason, "infeasible": violation}
                 key = st.REQUEST_PREFIX + request_id
                 self.store.set_trial_attrs(trial_id, {key: {"payload": payload, "answer": answer}})
             if stop:
-                attrs: dict[str, object] = {st.REASON: reason}
-                if violation:
-                    attrs[st.INFEASIBLE] = violation
-                self.store.set_trial_attrs(trial_id, attrs)
-                self.policy.tell_stopped(study.spec, trial)
-                final = self.store.trial(trial_id)
-                self.tracker.trial_finished(study.spec, final, step)
+                self._stop(study, trial, reason, violation, step)
         return stop, reason, datetime.fromtimestamp(lease, UTC)
+
+    def _stop(
+        self, study: StudyHead, trial: TrialRecord, reason: str, violation: str, step: int
+    ) -> None:
+        attrs: dict[str, object] = {st.REASON: reason}
+        if violation:
+            attrs[st.INFEASIBLE] = violation
+        self.store.set_trial_attrs(trial.trial_id, attrs)
+        self.policy.tell_stopped(study.spec, trial)
+        final = self.store.trial(trial.trial_id)
+        self.tracker.trial_finished(study.spec, final, step)
 
     def heartbeat(self, trial_id: int, worker_id: str) -> tuple[datetime, bool]:
         trial = self.store.trial(trial_id)
@@ -330,7 +341,10 @@ class StudyService:
         trial = self.store.trial(trial_id)
         with self._lock(trial.study_name or "?"):
             if request_id and self._repeat(trial_id, request_id, payload) is not None:
-                return self.store.trial(trial_id)
+                current = self.store.trial(trial_id)
+                if current.state != "running":
+                    return current
+                # else: the server died half-way through the first call; finish it now.
             trial = self.store.trial(trial_id)
             if trial.state == "complete" and trial.worker_id == worker_id:
                 if trial.metrics == metrics:
@@ -389,8 +403,9 @@ class StudyService:
         with self._lock(trial.study_name or "?"):
             if request_id:
                 first = self._repeat(trial_id, request_id, payload)
-                if first is not None:
-                    return self.store.trial(trial_id), bool(first.get("requeued", False))
+                current = self.store.trial(trial_id)
+                if first is not None and current.state != "running":
+                    return current, bool(first.get("requeued", False))
             trial = self.store.trial(trial_id)
             if trial.state == "failed" and trial.worker_id == worker_id:
                 return trial, False  # a retry of a call that already took effect

@@ -219,3 +219,24 @@ def test_a_retried_failure_with_its_request_id_requeues_once(
     _, again = worker_client.fail(tid, "w1", "interrupted", "node drained", request_id="f-1")
     assert requeued and again
     assert study_client.get_study(study.name).counts.waiting == 1  # queued once, not twice
+
+
+def test_a_completion_half_written_before_a_crash_is_finished_by_its_retry(
+    server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    from server import storage as st
+    from server.service import _fingerprint
+
+    with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
+        sc.create_study(lora_spec)
+        tid = wc.acquire("w1").trial.trial_id
+        metrics = objective_metrics(2.0, 3.0, 500.0)
+        # What a server killed between its first and its last write leaves behind: the
+        # request is recorded, the trial still RUNNING.
+        payload = _fingerprint({"worker": "w1", "metrics": metrics})
+        server.store.set_trial_attrs(
+            tid, {st.REQUEST_PREFIX + "c-9": {"payload": payload, "answer": {}}}
+        )
+        trial = wc.complete(tid, "w1", metrics, request_id="c-9")
+        assert trial.state == pb.TRIAL_STATE_COMPLETE
+        assert sc.get_study(lora_spec.name).counts.complete == 1
