@@ -143,7 +143,9 @@ def run_server(settings: ServerSettings) -> int:
     print(
         f"stagetune serving on {server.address}\n"
         f"  storage:  {redact_text(settings.resolved_storage_url())}\n"
-        f"  tracking: {redact_text(settings.resolved_tracking_uri()) or 'off'}",
+        f"  tracking: {redact_text(settings.resolved_tracking_uri()) or 'off'}\n"
+        "  WARNING: no authentication and no TLS: anyone who can reach this port can read,\n"
+        "  create and stop every study. Keep it on a trusted network or loopback.",
         flush=True,
     )
     stop.wait()
