@@ -66,7 +66,7 @@ def run_workers(
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=600)
+        t.join(timeout=3000)
     return done, acquire_seconds, errors
 
 
@@ -98,6 +98,7 @@ def test_racing_workers_complete_exactly_the_budget(
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_soak_32_workers_x_20_trials_on_sqlite(tmp_path: Path, lora_spec: StudySpec) -> None:
     from tests.conftest import start_server
 
@@ -109,6 +110,7 @@ def test_soak_32_workers_x_20_trials_on_sqlite(tmp_path: Path, lora_spec: StudyS
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_soak_64_workers_x_20_trials_on_postgresql(
     tmp_path, postgres_url: str, lora_spec: StudySpec
 ) -> None:  # type: ignore[no-untyped-def]
