@@ -15,7 +15,12 @@ from typing import Any, Literal
 
 ParamValue = float | int | str | bool
 
-__all__ = ["Assignment", "TrialResult", "ParamValue"]
+__all__ = ["Assignment", "TrialResult", "ParamValue", "process_rank"]
+
+
+def process_rank() -> int:
+    """This process's rank in its trial, as the launcher set it (0 for one process)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass(frozen=True)

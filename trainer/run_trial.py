@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trainer.assignment import Assignment, TrialResult
+from trainer.assignment import Assignment, TrialResult, process_rank
 from trainer.rungs import GrpcReporter, NullReporter, Reporter
 
 __all__ = ["main"]
@@ -50,18 +50,12 @@ def _single_process_rendezvous() -> None:
     MPI). The launcher sets these for multi-process trials."""
     if "WORLD_SIZE" in os.environ:
         return
-    import socket
+    from trainer.worker import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
         os.environ.setdefault(key, value)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     a = Assignment.read(args.assignment)
     _single_process_rendezvous()
-    rank0 = _rank() == 0
+    rank0 = process_rank() == 0
     runner = _runner(a.stage)
     if runner is None:
         if rank0:

@@ -101,7 +101,7 @@ def _rows_from_file(data_cfg: dict[str, Any], columns: dict[str, list[str]]) -> 
                     f"runner.data.{key}: column {col!r} not in {path.name} "
                     f"(columns: {raw.column_names})"
                 )
-    n = min(len(raw), _sizes(data_cfg)[0] + _sizes(data_cfg)[1])
+    n = min(len(raw), sum(_sizes(data_cfg)))
     return raw.shuffle(seed=1234).select(range(n))
 
 

@@ -29,7 +29,14 @@ from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from trainer.assignment import Assignment, TrialResult
 
-__all__ = ["WorkerSettings", "Worker", "TrialOutcome", "launch_command", "uses_deepspeed"]
+__all__ = [
+    "WorkerSettings",
+    "Worker",
+    "TrialOutcome",
+    "launch_command",
+    "uses_deepspeed",
+    "free_port",
+]
 
 Outcome = Literal["complete", "stopped", "failed", "interrupted", "lost"]
 
@@ -75,7 +82,7 @@ def launch_command(
         # hidden GPUs (CUDA_VISIBLE_DEVICES="") and the trainer's use_cpu instead.
         cmd.append("--cpu")
     if processes > 1:
-        cmd += ["--main_process_port", str(_free_port())]
+        cmd += ["--main_process_port", str(free_port())]
     return [*cmd, "-m", "trainer.run_trial", str(assignment_path)]
 
 
@@ -85,7 +92,8 @@ def uses_deepspeed(a: Assignment) -> bool:
     return bool(settings.get("deepspeed_config")) or int(settings.get("zero_stage", 0)) > 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

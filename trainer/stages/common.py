@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from objectives.measure import FIXED_PROMPTS, DeviceClock, measure_decode_latency, peak_memory_mb
-from trainer.assignment import Assignment, TrialResult
+from trainer.assignment import Assignment, TrialResult, process_rank
 from trainer.rungs import Reporter, RungCallback
 from trainer.tiny_model import default_cache_dir, ensure_model
 
@@ -27,6 +27,7 @@ __all__ = [
     "DEEPSPEED_DIR",
     "Trial",
     "deepspeed_config",
+    "greedy_completions",
     "load_model",
     "resolve_model_path",
 ]
@@ -118,8 +119,32 @@ def load_model(path: str, keep_adapter: bool = False) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+def greedy_completions(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
+) -> list[str]:
+    """The greedy completion of each prompt alone (batch of one, no sampling), in eval
+    mode; the model's train/eval mode is restored afterwards."""
+    import torch
+
+    completions = []
+    was_training = model.training
+    model.train(False)
+    try:
+        with torch.inference_mode():
+            for prompt in prompts:
+                enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+                out = model.generate(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = out[0, enc["input_ids"].shape[1] :]
+                completions.append(tokenizer.decode(new, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return completions
 
 
 def _deepspeed_on_cpu() -> None:
@@ -259,7 +284,7 @@ class Trial:
             self.reporter,
             extra=lambda: {
                 "peak_memory_mb": peak_memory_mb(),
-                "device_seconds": self.clock.seconds * self.clock.devices,
+                "device_seconds": self.clock.device_seconds,
             },
             metric_map=metric_map,
             evaluate=evaluate,
@@ -273,12 +298,10 @@ class Trial:
         trainer: Any,
         tokenizer: Any,
         quality: Callable[[Any], dict[str, float | None]] | None = None,
-        tokens: Callable[[Any], float] | None = None,
     ) -> TrialResult:
         """Train, then (rank 0) measure quality, decode latency, throughput and cost.
 
-        ``quality(model)`` adds the stage's final quality metrics; ``tokens(trainer)``
-        counts the tokens trained on when the Trainer's own count does not apply.
+        ``quality(model)`` adds the stage's final quality metrics.
         """
         callback = self.callback
         assert callback is not None, "build the Trainer with trial.rung_callback()"
@@ -297,7 +320,7 @@ class Trial:
         latency = measure_decode_latency(net, tokenizer, FIXED_PROMPTS, max_new_tokens=8)
         final["decode_latency_ms"] = latency.ms_per_token
         final["ttft_ms"] = latency.ttft_ms
-        seen = tokens(trainer) if tokens is not None else float(trainer.state.num_input_tokens_seen)
+        seen = float(trainer.state.num_input_tokens_seen)
         final["tokens_per_second"] = seen / train_seconds if train_seconds > 0 else 0.0
         if self.a.runner.get("save_model"):
             self._save(net, tokenizer)
@@ -322,7 +345,7 @@ class Trial:
             checksum = sum(float(p.detach().float().sum()) for p in trainer.model.parameters())
         plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
         record = {
-            "rank": _rank(),
+            "rank": process_rank(),
             "deepspeed_zero_stage": plugin.zero_stage if plugin is not None else 0,
             "world_size": self.world,
             "settings": self.cfg,
@@ -332,4 +355,6 @@ class Trial:
         }
         out = Path(self.a.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank-{_rank()}.json").write_text(json.dumps(record, sort_keys=True, default=str))
+        (out / f"rank-{process_rank()}.json").write_text(
+            json.dumps(record, sort_keys=True, default=str)
+        )

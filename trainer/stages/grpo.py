@@ -12,7 +12,7 @@ from typing import Any
 
 from trainer.assignment import Assignment, TrialResult
 from trainer.rungs import Reporter
-from trainer.stages.common import Trial
+from trainer.stages.common import Trial, greedy_completions
 from trainer.tasks import answer_of, load_sft_dataset
 
 __all__ = ["run_grpo", "DEFAULTS", "REWARDS", "reward_functions"]
@@ -60,27 +60,9 @@ def mean_reward(
     model: Any, tokenizer: Any, rows: Any, rewards: list[Reward], max_new_tokens: int
 ) -> float:
     """Mean summed reward of greedy completions of ``rows`` (batch of one, no sampling)."""
-    import torch
-
     prompts = list(rows["prompt"])
     answers = list(rows["answer"])
-    completions = []
-    was_training = model.training
-    model.train(False)
-    with torch.inference_mode():
-        for prompt in prompts:
-            enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-            out = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            completions.append(
-                tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            )
-    model.train(was_training)
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens)
     totals = [0.0] * len(completions)
     for fn in rewards:
         for i, r in enumerate(fn(prompts=prompts, completions=completions, answer=answers)):

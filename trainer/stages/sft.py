@@ -10,7 +10,7 @@ from typing import Any
 
 from trainer.assignment import Assignment, TrialResult
 from trainer.rungs import Reporter
-from trainer.stages.common import Trial
+from trainer.stages.common import Trial, greedy_completions
 from trainer.tasks import answer_of, load_sft_dataset
 
 __all__ = ["run_sft", "run_sft_like", "exact_match", "DEFAULTS"]
@@ -21,27 +21,11 @@ DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
 def exact_match(model: Any, tokenizer: Any, eval_rows: Any, limit: int = 16) -> float | None:
     """Fraction of held-out prompts whose greedy answer's last number is the reference's;
     None when the data has no checkable answers."""
-    import torch
-
     rows = [r for r in eval_rows.select(range(min(limit, len(eval_rows))))]
     if not rows or answer_of(rows[0]["completion"]) is None:
         return None
-    was_training = model.training
-    model.train(False)
-    hits = 0
-    with torch.inference_mode():
-        for row in rows:
-            enc = tokenizer(row["prompt"], return_tensors="pt").to(model.device)
-            out = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=8,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits += answer_of(text) == answer_of(row["completion"])
-    model.train(was_training)
+    texts = greedy_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=8)
+    hits = sum(answer_of(t) == answer_of(r["completion"]) for t, r in zip(texts, rows, strict=True))
     return hits / len(rows)
 
 
