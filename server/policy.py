@@ -40,12 +40,8 @@ def constraint_values(spec: StudySpec, trial: FrozenTrial) -> list[float]:
     ua = trial.user_attrs
     metrics: dict[str, float] = dict(ua.get(st.METRICS) or {})
     if not metrics:
-        rungs = sorted(
-            (int(k[len(st.RUNG_PREFIX) :]), v)
-            for k, v in ua.items()
-            if k.startswith(st.RUNG_PREFIX)
-        )
-        metrics = dict(rungs[-1][1]["metrics"]) if rungs else {}
+        rungs = st.rung_records(ua)
+        metrics = dict(rungs[-1].metrics) if rungs else {}
     return [c.excess(metrics[c.metric]) if c.metric in metrics else 0.0 for c in spec.constraints]
 
 

@@ -107,6 +107,18 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 16}
 
 
+def rung_records(user_attrs: dict[str, Any]) -> list[RungRecord]:
+    """A trial's rung reports, by step, from its user attributes."""
+    return sorted(
+        (
+            RungRecord(int(k[len(RUNG_PREFIX) :]), v["metrics"], _ts(v["time"]) or _now())
+            for k, v in user_attrs.items()
+            if k.startswith(RUNG_PREFIX)
+        ),
+        key=lambda r: r.step,
+    )
+
+
 def _state(t: FrozenTrial) -> TrialStateName:
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and t.user_attrs.get(
         INFEASIBLE
@@ -260,14 +272,7 @@ class StudyStore:
 
     def _trial_record(self, study_name: str, t: FrozenTrial) -> TrialRecord:
         ua = t.user_attrs
-        rungs = sorted(
-            (
-                RungRecord(int(k[len(RUNG_PREFIX) :]), v["metrics"], _ts(v["time"]) or _now())
-                for k, v in ua.items()
-                if k.startswith(RUNG_PREFIX)
-            ),
-            key=lambda r: r.step,
-        )
+        rungs = rung_records(ua)
         return TrialRecord(
             trial_id=t._trial_id,
             number=t.number,

@@ -464,6 +464,18 @@ def _finite(value: float, where: str) -> None:
         raise InvalidArgument(where, f"must be finite, got {value}")
 
 
+def _of_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` is a value of a knob of this kind (an int is a float, a bool is
+    not a number)."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "float":
+        return isinstance(value, (int, float))
+    if kind == "int":
+        return isinstance(value, int)
+    return kind == "str" and isinstance(value, str)
+
+
 def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
     where = f"search_space.{p.name}"
     kind = knob.kind
@@ -510,13 +522,7 @@ def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
             seen.add(key)
             if isinstance(c, float):
                 _finite(c, f"{where}.choices[{i}]")
-            ok = {
-                "float": isinstance(c, (int, float)) and not isinstance(c, bool),
-                "int": isinstance(c, int) and not isinstance(c, bool),
-                "str": isinstance(c, str),
-                "bool": isinstance(c, bool),
-            }[kind]
-            if not ok:
+            if not _of_kind(c, kind):
                 raise InvalidArgument(
                     f"{where}.choices[{i}]", f"{p.name} takes {kind} values, got {c!r}"
                 )
@@ -732,13 +738,7 @@ def _check_fixed(stage_name: str, key: str, value: Any) -> None:
                     where, f"unknown reward function {name!r}; one of {sorted(REWARD_FUNCTIONS)}"
                 )
         return
-    ok = {
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-    }[knob.kind]
-    if not ok:
+    if not _of_kind(value, knob.kind):
         raise InvalidArgument(where, f"takes a {knob.kind} value, got {value!r}")
     if isinstance(value, float):
         _finite(value, where)
