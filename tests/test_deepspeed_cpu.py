@@ -5,15 +5,12 @@ lent GPU machine, not from this suite."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.test_stages import assignment
-from trainer.assignment import TrialResult
+from tests.test_stages import assignment, run_launched
 from trainer.worker import launch_command, uses_deepspeed
 
 
@@ -33,19 +30,7 @@ def test_a_deepspeed_trial_is_not_launched_with_accelerates_cpu_flag(tmp_path: P
 
 def launch(tmp_path: Path, stage: str, processes: int, zero: int) -> tuple[Any, list[Any]]:
     a = assignment(tmp_path, stage, params={"zero_stage": zero}, save_model=True)
-    path = tmp_path / "assignment.json"
-    Path(a.output_dir).mkdir(parents=True)
-    a.write(path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        launch_command(path, processes=processes, cpu=True, deepspeed=True),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = TrialResult.read(Path(a.result_path))
+    result = run_launched(a, processes=processes, timeout=400)
     assert result.status == "complete", result.reason
     ranks = [
         json.loads((Path(a.output_dir) / f"rank-{r}.json").read_text()) for r in range(processes)

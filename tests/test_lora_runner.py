@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHARED_DATA
+from tests.test_stages import TINY, assignment, run_launched
 from trainer.assignment import Assignment
 from trainer.rungs import NullReporter
 from trainer.tasks import answer_of, load_sft_dataset, synthetic_sft
 from trainer.tiny_model import build_tiny_model, ensure_model
-
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 
 
 def test_tiny_model_is_built_once_and_loads_with_from_pretrained(tmp_path: Path) -> None:
@@ -87,24 +85,7 @@ def test_gsm8k_loads_with_the_alpaca_mapping() -> None:
 
 
 def _assignment(tmp_path: Path) -> Assignment:
-    return Assignment(
-        trial_id=1,
-        study_name="s",
-        number=0,
-        attempt=1,
-        stage="lora",
-        params={"learning_rate": 5e-3, "lora_r": 4},
-        runner={
-            "model": {"tiny": TINY},
-            "cache_dir": str(tmp_path / "cache"),
-            "data": {"synthetic": "arithmetic", "train_size": 32, "eval_size": 8},
-            "training": {"per_device_train_batch_size": 4, "max_length": 32},
-        },
-        rung_steps=[2, 4],
-        objectives=["eval_loss"],
-        output_dir=str(tmp_path / "out"),
-        result_path=str(tmp_path / "result.json"),
-    )
+    return assignment(tmp_path, "lora", params={"learning_rate": 5e-3, "lora_r": 4})
 
 
 def test_run_lora_reports_each_rung_and_measures_every_objective(tmp_path: Path) -> None:
@@ -139,24 +120,8 @@ def test_a_stop_decision_ends_training_at_that_rung(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_cpu_ranks_train_one_trial_and_count_two_devices(tmp_path: Path) -> None:
-    import subprocess
-
-    from trainer.assignment import TrialResult
-    from trainer.worker import launch_command
-
     a = _assignment(tmp_path)
-    path = tmp_path / "assignment.json"
-    a.write(path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        launch_command(path, processes=2, cpu=True),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = TrialResult.read(Path(a.result_path))
+    result = run_launched(a, processes=2, timeout=300)
     assert result.status == "complete"
     assert [r["step"] for r in result.rungs] == [2, 4]
     # Both processes count: device-seconds are twice the trial's wall seconds.

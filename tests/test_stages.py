@@ -154,6 +154,30 @@ def assignment(tmp_path: Path, stage: str, **runner: Any) -> Assignment:
     )
 
 
+def run_launched(a: Assignment, processes: int, timeout: float) -> Any:
+    """Launch the trial as a CPU worker launches it (accelerate, ``processes`` ranks) and
+    return its TrialResult."""
+    import os
+    import subprocess
+
+    from trainer.assignment import TrialResult
+    from trainer.worker import launch_command, uses_deepspeed
+
+    path = Path(a.result_path).parent / "assignment.json"
+    Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+    a.write(path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        launch_command(path, processes=processes, cpu=True, deepspeed=uses_deepspeed(a)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return TrialResult.read(Path(a.result_path))
+
+
 def run(a: Assignment) -> Any:
     from trainer.run_trial import _runner
 
