@@ -48,13 +48,17 @@ def _values(rng: random.Random) -> list[float]:
     return [rng.uniform(1, 5), rng.uniform(1, 10), rng.uniform(100, 800)]
 
 
-def _stagetune_worker(address: str, study: str, wid: int, out: Any) -> None:
+def _stagetune_worker(address: str, study: str, wid: int, ready: Any, out: Any) -> None:
+    import grpc
+
     from stagetune.client import WorkerClient
     from stagetune.v1 import worker_service_pb2 as ws
 
     rng = random.Random(wid)
     lat: list[float] = []
     with WorkerClient(address, timeout=60) as client:
+        grpc.channel_ready_future(client._channel).result(timeout=60)
+        ready.wait()  # every worker is up: the clock starts now
         while True:
             t = time.perf_counter()
             got = client.acquire(f"bench-{wid}", study_name=study)
@@ -69,7 +73,7 @@ def _stagetune_worker(address: str, study: str, wid: int, out: Any) -> None:
 
 
 def _optuna_worker(
-    storage_spec: tuple[str, Any], study: str, wid: int, left: Any, out: Any
+    storage_spec: tuple[str, Any], study: str, wid: int, left: Any, ready: Any, out: Any
 ) -> None:
     import optuna
 
@@ -85,6 +89,7 @@ def _optuna_worker(
     rng = random.Random(wid)
     lat: list[float] = []
     space = _search_space()
+    ready.wait()  # every worker is up: the clock starts now
     while True:
         with left.get_lock():
             if left.value <= 0:
@@ -98,12 +103,16 @@ def _optuna_worker(
 
 
 def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]:
+    """Start k worker processes, wait until all are connected, then time the work only
+    (process start-up and imports are not the service's cost)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args_of(i, ctx), out)) for i in range(k)]
-    start = time.perf_counter()
+    ready = ctx.Barrier(k + 1)
+    procs = [ctx.Process(target=target, args=(*args_of(i, ctx), ready, out)) for i in range(k)]
     for p in procs:
         p.start()
+    ready.wait()
+    start = time.perf_counter()
     lat: list[float] = []
     for _ in procs:
         lat += out.get()

@@ -24,8 +24,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from server import storage as st
 from server.asha import rung_decision
+from server.pool import SuggestionPool
 from server.records import TrialRecord
 from server.storage import StudyStore, storage_errors
+from stagetune.errors import Unavailable
 from stagetune.spec import CategoricalParam, FloatParam, ParamValue, StudySpec
 
 __all__ = ["OptunaPolicy", "make_sampler", "distributions_of"]
@@ -85,12 +87,20 @@ def distributions_of(spec: StudySpec) -> dict[str, BaseDistribution]:
 
 
 class OptunaPolicy:
-    """Ask/tell over the study store. Callers hold the study's lock around each call."""
+    """Ask/tell over the study store. Callers hold the study's lock around each call.
 
-    def __init__(self, store: StudyStore) -> None:
+    New configurations come from a pool of suggestions computed in the background
+    (server/pool.py); queued trials (retries, warm-start points) are handed out first.
+    """
+
+    def __init__(self, store: StudyStore, *, pool_size: int = 8) -> None:
         self._store = store
         self._studies: dict[str, optuna.Study] = {}
         self._lock = threading.Lock()
+        self.pool = SuggestionPool(store, make_sampler, distributions_of, size=pool_size)
+
+    def close(self) -> None:
+        self.pool.close()
 
     def _study(self, spec: StudySpec) -> optuna.Study:
         with self._lock:
@@ -105,34 +115,60 @@ class OptunaPolicy:
             return study
 
     @storage_errors
-    def ask(self, spec: StudySpec, attrs: dict[str, Any]) -> int:
-        """Start a trial: a queued retry if there is one, else a new proposal. Returns its id.
-
-        ``attrs`` (worker, lease) are written on the trial before it is returned.
-        """
-        trial = self._study(spec).ask(fixed_distributions=distributions_of(spec))
-        trial_id = trial._trial_id
-        existing = self._store.optuna_storage.get_trial(trial_id).user_attrs
-        base: dict[str, Any] = {st.STUDY: spec.name}
-        if st.ATTEMPT not in existing:
-            base[st.ATTEMPT] = 1
-        self._store.set_trial_attrs(trial_id, {**base, **attrs})
-        return trial_id
+    def ask(self, spec: StudySpec, attrs: dict[str, Any], queued: bool) -> TrialRecord:
+        """Start a trial: a queued one (retry, warm start) if ``queued``, else the next
+        ready suggestion. ``attrs`` (worker, lease) are on the trial returned."""
+        if queued:
+            trial = self._study(spec).ask(fixed_distributions=distributions_of(spec))
+            trial_id = trial._trial_id
+            existing = self._store.optuna_storage.get_trial(trial_id).user_attrs
+            base: dict[str, Any] = {st.STUDY: spec.name}
+            if st.ATTEMPT not in existing:
+                base[st.ATTEMPT] = 1
+            self._store.set_trial_attrs(trial_id, {**base, **attrs})
+            self.pool.started(spec.name, trial_id, dict(trial.params))
+            return self._store.trial(trial_id)
+        try:
+            suggestion = self.pool.pop(spec)
+        except TimeoutError:
+            raise Unavailable(f"the sampler of {spec.name} is busy; retry") from None
+        try:
+            record = self._store.create_running_trial(
+                spec.name,
+                suggestion.params,
+                distributions_of(spec),
+                attrs,
+                suggestion.system_attrs,
+            )
+        except BaseException:
+            self.pool.bind(spec.name, suggestion, None)
+            raise
+        self.pool.bind(spec.name, suggestion, record.trial_id)
+        return record
 
     def can_ask_new(self, spec: StudySpec, budget_used: int) -> bool:
         return budget_used < spec.budget.max_trials
 
-    @storage_errors
     def tell_complete(self, spec: StudySpec, trial: TrialRecord, values: Sequence[float]) -> None:
-        self._study(spec).tell(trial.number, list(values))
+        self._tell(spec, trial, TrialState.COMPLETE, values)
 
-    @storage_errors
     def tell_stopped(self, spec: StudySpec, trial: TrialRecord) -> None:
-        self._study(spec).tell(trial.number, state=TrialState.PRUNED)
+        self._tell(spec, trial, TrialState.PRUNED)
 
-    @storage_errors
     def tell_failed(self, spec: StudySpec, trial: TrialRecord) -> None:
-        self._study(spec).tell(trial.number, state=TrialState.FAIL)
+        self._tell(spec, trial, TrialState.FAIL)
+
+    def _tell(
+        self,
+        spec: StudySpec,
+        trial: TrialRecord,
+        state: TrialState,
+        values: Sequence[float] | None = None,
+    ) -> None:
+        """Record the outcome in the database; the mirror's sampler learns it from there
+        (constraint values included), in the background."""
+        self._store.finish_trial(trial.trial_id, state, values)
+        self.pool.finished(spec.name, trial.trial_id)
 
     @storage_errors
     def seed(self, spec: StudySpec, params: dict[str, ParamValue], source: str) -> None:
@@ -168,13 +204,11 @@ class OptunaPolicy:
         names = [o.metric for o in objectives]
         others: list[list[float]] = []
         other_ids: list[int] = []
-        for t in self._store.trials(spec.name):
-            at_step = next((r for r in t.rungs if r.step == step), None)
-            if t.state == "infeasible":  # outside the constraints: not a rival
-                continue
-            if t.trial_id != trial.trial_id and at_step and set(names) <= set(at_step.metrics):
-                others.append([at_step.metrics[n] for n in names])
-                other_ids.append(t.trial_id)
+        # Infeasible trials (outside the constraints) are not rivals.
+        for trial_id, reported in self._store.rung_metrics(spec.name, step):
+            if trial_id != trial.trial_id and set(names) <= set(reported):
+                others.append([reported[n] for n in names])
+                other_ids.append(trial_id)
         own = [metrics[n] for n in names]
         directions = [o.direction for o in objectives]
         d = rung_decision(own, others, directions, spec.fidelity.reduction_factor)

@@ -34,6 +34,7 @@ from stagetune.spec import ParamValue, StudySpec, validate_spec
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
 
 _log = logging.getLogger(__name__)
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
 
@@ -98,6 +99,10 @@ class StudyService:
         self._clock = clock
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+
+    def close(self) -> None:
+        """Stop background work (the suggestion pool); called once the server drained."""
+        self.policy.close()
 
     def _lock(self, study_name: str) -> threading.RLock:
         with self._locks_guard:
@@ -191,39 +196,50 @@ class StudyService:
     # ------------------------------------------------------------ workers
 
     def acquire(self, worker_id: str, study_name: str = "") -> Acquired | NoWork:
+        """Hand out a trial: the one this worker still holds, else a queued retry, else the
+        next ready suggestion. Reads no trial table: two count queries and one insert."""
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
         if study_name:
-            studies = [self.store.get_study(study_name)]
+            heads = [(self.store.study_head(study_name), _EPOCH)]
         else:
-            studies = [s for s in self.store.list_studies() if s.state == "running"]
+            heads = [(h, c) for h, c in self.store.study_heads() if h.state == "running"]
         # A worker that asks again while it still holds a trial gets that trial back.
-        for record in studies:
-            for t in self.store.trials(record.spec.name, ["running"]):
-                if t.worker_id == worker_id:
-                    self.store.set_trial_attrs(t.trial_id, {st.LEASE: self._lease_until()})
-                    return self._acquired(record.spec, self.store.trial(t.trial_id))
+        for head, _ in heads:
+            held = self.store.held_trial(head.spec.name, worker_id)
+            if held is not None:
+                self.store.set_trial_attrs(held, {st.LEASE: self._lease_until()})
+                return self._acquired(head.spec, self.store.trial(held))
         # Fewest running trials first, so concurrent studies share the workers.
-        for record in sorted(studies, key=lambda s: (s.counts["running"], s.created)):
-            if record.state != "running":
+        ranked = heads
+        if len(heads) > 1:
+            running = {h.spec.name: self.store.counts(h.spec.name).running for h, _ in heads}
+            ranked = sorted(heads, key=lambda hc: (running[hc[0].spec.name], hc[1]))
+        why = ""
+        for head, _ in ranked:
+            name = head.spec.name
+            if head.state != "running":
+                why = head.state
                 continue
-            with self._lock(record.spec.name):
-                fresh = self.store.get_study(record.spec.name)
+            with self._lock(name), self.store.exclusive(name):
+                fresh = self.store.study_head(name)
+                counts = self.store.counts(name)
                 if fresh.state != "running":
+                    why = fresh.state
                     continue
-                if fresh.counts["waiting"] == 0 and not self.policy.can_ask_new(
-                    fresh.spec, fresh.budget_used
+                if counts.waiting == 0 and not self.policy.can_ask_new(
+                    fresh.spec, counts.budget_used
                 ):
+                    why = "done" if counts.running == 0 else "its budget is handed out"
                     continue
                 attrs = {st.WORKER: worker_id, st.LEASE: self._lease_until()}
-                trial_id = self.policy.ask(fresh.spec, attrs)
-                trial = self.store.trial(trial_id)
+                trial = self.policy.ask(fresh.spec, attrs, queued=counts.waiting > 0)
             self.tracker.trial_started(
-                fresh.spec, trial, functools.partial(self._record_run_id, trial_id)
+                fresh.spec, trial, functools.partial(self._record_run_id, trial.trial_id)
             )
             return self._acquired(fresh.spec, trial)
         if study_name:
-            reason = f"study {study_name!r} has no trial to hand out ({studies[0].state})"
+            reason = f"study {study_name!r} has no trial to hand out ({why})"
         else:
             reason = "no running study has a trial to hand out"
         return NoWork(self.retry_after, reason)
@@ -238,11 +254,15 @@ class StudyService:
     def _acquired(self, spec: StudySpec, trial: TrialRecord) -> Acquired:
         return Acquired(trial, spec, spec.fidelity.rungs(), self.lease_seconds)
 
-    def _held(self, trial_id: int, worker_id: str) -> tuple[StudyHead, TrialRecord]:
-        """The trial and its study, if ``worker_id`` holds it and it is still running."""
+    def _held(
+        self, trial_id: int, worker_id: str, trial: TrialRecord | None = None
+    ) -> tuple[StudyHead, TrialRecord]:
+        """The trial and its study, if ``worker_id`` holds it and it is still running
+        (``trial``: the trial as just read under the study's lock, if it was)."""
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
-        trial = self.store.trial(trial_id)
+        if trial is None:
+            trial = self.store.trial(trial_id)
         if not trial.study_name:
             raise NotFound(f"trial {trial_id} not found")
         study = self.store.study_head(trial.study_name)
@@ -276,9 +296,8 @@ class StudyService:
             raise InvalidArgument("step", "must be > 0")
         _finite_metrics(metrics)
         _check_request_id(request_id)
-        trial = self.store.trial(trial_id)
         payload = _fingerprint({"worker": worker_id, "step": step, "metrics": metrics})
-        with self._lock(trial.study_name or "?"):
+        with self._lock(self.store.study_of(trial_id)):
             if request_id:
                 first = self._repeat(trial_id, request_id, payload)
                 if first is not None:  # a retry: the first answer, nothing changes
@@ -324,8 +343,7 @@ class StudyService:
         self.tracker.trial_finished(study.spec, final, step)
 
     def heartbeat(self, trial_id: int, worker_id: str) -> tuple[datetime, bool]:
-        trial = self.store.trial(trial_id)
-        with self._lock(trial.study_name or "?"):
+        with self._lock(self.store.study_of(trial_id)):
             study, trial = self._held(trial_id, worker_id)
             lease = self._lease_until()
             self.store.set_trial_attrs(trial_id, {st.LEASE: lease})
@@ -338,19 +356,17 @@ class StudyService:
         _finite_metrics(metrics)
         _check_request_id(request_id)
         payload = _fingerprint({"worker": worker_id, "metrics": metrics})
-        trial = self.store.trial(trial_id)
-        with self._lock(trial.study_name or "?"):
-            if request_id and self._repeat(trial_id, request_id, payload) is not None:
-                current = self.store.trial(trial_id)
-                if current.state != "running":
-                    return current
-                # else: the server died half-way through the first call; finish it now.
+        with self._lock(self.store.study_of(trial_id)):
             trial = self.store.trial(trial_id)
+            repeated = bool(request_id) and self._repeat(trial_id, request_id, payload) is not None
+            if repeated and trial.state != "running":
+                return trial
+            # (repeated and still running: the server died half-way through; finish it now.)
             if trial.state == "complete" and trial.worker_id == worker_id:
                 if trial.metrics == metrics:
                     return trial  # a retry of a call that already took effect
                 raise FailedPrecondition(f"trial {trial_id} already completed with other metrics")
-            study, trial = self._held(trial_id, worker_id)
+            study, trial = self._held(trial_id, worker_id, trial)
             spec = study.spec
             missing = [m for m in spec.metric_names if m not in metrics]
             if missing:
@@ -365,28 +381,37 @@ class StudyService:
                 attrs[st.REASON] = f"infeasible at the full budget: {violation}"
             self.store.set_trial_attrs(trial_id, attrs)
             self.policy.tell_complete(spec, trial, values)
-            trial = self.store.trial(trial_id)
+            trial = self.store.trial(trial_id)  # as stored: a repeat returns the same
             self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
             self._update_front(study)
         return trial
 
     def _update_front(self, study: StudyHead) -> None:
+        """Hypervolume of the study's front after a completion, from the objective values
+        alone; the tracker reads the full trials itself, only if it needs them."""
         spec = study.spec
-        reference = study.reference
-        ranked = self._ranked(spec, self.store.trials(spec.name, ["complete"]))
-        if not ranked:
+        rows = self.store.complete_values(spec.name)
+        if not rows:
             return
+        values = [v for _, v in rows]
+        reference = study.reference
         if reference is None:
-            derived = default_reference(ranked[0].values, spec.directions)
+            derived = default_reference(values[0], spec.directions)
             reference = tuple(
                 o.reference if o.reference is not None else d
                 for o, d in zip(spec.objectives, derived, strict=True)
             )
             self.store.set_reference(spec.name, reference)
-        front = [t.values for t in ranked if t.pareto_rank == 1]
-        hv = hypervolume(front, reference, spec.directions)
+        ranks = non_dominated_ranks(values, spec.directions)
+        hv = hypervolume(
+            [v for v, r in zip(values, ranks, strict=True) if r == 1], reference, spec.directions
+        )
         self.store.set_hypervolume(spec.name, hv)
-        self.tracker.front_changed(spec, ranked, hv, len(ranked))
+
+        def load_trials() -> list[TrialRecord]:
+            return self._ranked(spec, self.store.trials(spec.name, ["complete"]))
+
+        self.tracker.front_changed(spec, load_trials, hv, len(rows))
 
     def fail(
         self,
@@ -399,17 +424,15 @@ class StudyService:
         """Fail an attempt. An interruption queues the same params again (within retries)."""
         _check_request_id(request_id)
         payload = _fingerprint({"worker": worker_id, "kind": kind, "reason": reason})
-        trial = self.store.trial(trial_id)
-        with self._lock(trial.study_name or "?"):
+        with self._lock(self.store.study_of(trial_id)):
+            trial = self.store.trial(trial_id)
             if request_id:
                 first = self._repeat(trial_id, request_id, payload)
-                current = self.store.trial(trial_id)
-                if first is not None and current.state != "running":
-                    return current, bool(first.get("requeued", False))
-            trial = self.store.trial(trial_id)
+                if first is not None and trial.state != "running":
+                    return trial, bool(first.get("requeued", False))
             if trial.state == "failed" and trial.worker_id == worker_id:
                 return trial, False  # a retry of a call that already took effect
-            study, trial = self._held(trial_id, worker_id)
+            study, trial = self._held(trial_id, worker_id, trial)
             label = {
                 "crash": "crashed",
                 "out_of_memory": "out of memory",

@@ -9,10 +9,14 @@ Database failures become ``Unavailable`` (clients retry), never ``INTERNAL``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -20,6 +24,9 @@ from typing import Any, ParamSpec, TypeVar
 import optuna
 import sqlalchemy.exc
 from google.protobuf import json_format
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session as _scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 from server.records import (
@@ -34,7 +41,7 @@ from stagetune.errors import AlreadyExists, NotFound, Unavailable
 from stagetune.spec import StudySpec, spec_from_proto, spec_to_proto
 from stagetune.v1 import types_pb2 as pb
 
-__all__ = ["StudyStore", "storage_errors", "default_storage_url"]
+__all__ = ["StudyStore", "Counts", "storage_errors", "default_storage_url"]
 
 _log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -69,6 +76,16 @@ RUNG_PREFIX = "st_rung_"
 SEED = "st_seed"  # where a warm-start trial's params came from
 INFEASIBLE = "st_infeasible"  # the broken constraint, or "out of memory"
 REQUEST_PREFIX = "st_req_"  # idempotency key -> {"payload": fingerprint, "answer": {...}}
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A study's trial counts, read with two aggregate queries instead of its trials."""
+
+    total: int
+    waiting: int
+    running: int
+    budget_used: int  # first attempts created so far (retries excluded)
 
 
 def default_storage_url(data_dir: Path) -> str:
@@ -144,14 +161,41 @@ class StudyStore:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         self._create_lock = threading.Lock()
         self._specs: dict[str, StudySpec] = {}  # parsed spec by its JSON: specs never change
+        self._ids: dict[str, int] = {}  # study id by name: studies are never renamed
+        self._trial_study: dict[int, str] = {}  # study name by trial id
+        self.postgres = url.startswith("postgresql")
 
     # ------------------------------------------------------------ studies
 
     def _study_id(self, name: str) -> int:
+        found = self._ids.get(name)
+        if found is not None:
+            return found
         try:
-            return self.optuna_storage.get_study_id_from_name(name)
+            study_id = self.optuna_storage.get_study_id_from_name(name)
         except KeyError:
             raise NotFound(f"study {name!r} not found") from None
+        self._ids[name] = study_id
+        return study_id
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold the study's database-wide lock: on PostgreSQL a session advisory lock,
+        so server replicas sharing the database count and create trials one at a time
+        (budgets stay exact across replicas). SQLite serves one server process, whose
+        per-study locks already serialise this."""
+        if not self.postgres:
+            yield
+            return
+        key = zlib.crc32(name.encode()) - (1 << 31)  # a signed 32-bit advisory key
+        with self.optuna_storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
 
     @storage_errors
     def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
@@ -242,6 +286,187 @@ class StudyStore:
         return self._record(study_id, attrs)
 
     @storage_errors
+    def study_heads(self) -> list[tuple[StudyHead, datetime]]:
+        """Every study's head and creation time, without reading any trial."""
+        heads = []
+        for s in self.optuna_storage.get_all_studies():
+            attrs = s.user_attrs
+            if _SPEC in attrs:
+                self._ids.setdefault(s.study_name, s._study_id)
+                ref = attrs.get(_REFERENCE)
+                head = StudyHead(
+                    self._spec(attrs[_SPEC]),
+                    attrs.get(_STATE, "running"),
+                    tuple(ref) if ref is not None else None,
+                )
+                heads.append((head, _ts(attrs.get(_CREATED)) or _now()))
+        return heads
+
+    @storage_errors
+    def counts(self, name: str) -> Counts:
+        study_id = self._study_id(name)
+        t, ua = models.TrialModel, models.TrialUserAttributeModel
+        by_state = (
+            sqlalchemy.select(t.state, sqlalchemy.func.count())
+            .where(t.study_id == study_id)
+            .group_by(t.state)
+        )
+        retries = (
+            sqlalchemy.select(sqlalchemy.func.count())
+            .select_from(ua)
+            .join(t, t.trial_id == ua.trial_id)
+            .where(t.study_id == study_id, ua.key == ATTEMPT, ua.value_json != "1")
+        )
+        with self.optuna_storage.engine.connect() as conn:
+            states = {state: int(n) for state, n in conn.execute(by_state)}
+            n_retries = int(conn.execute(retries).scalar_one())
+        total = sum(states.values())
+        return Counts(
+            total=total,
+            waiting=states.get(TrialState.WAITING, 0),
+            running=states.get(TrialState.RUNNING, 0),
+            budget_used=total - n_retries,
+        )
+
+    @storage_errors
+    def held_trial(self, name: str, worker_id: str) -> int | None:
+        """The id of a running trial of the study that ``worker_id`` holds, if any."""
+        t, ua = models.TrialModel, models.TrialUserAttributeModel
+        query = (
+            sqlalchemy.select(t.trial_id)
+            .join(ua, t.trial_id == ua.trial_id)
+            .where(
+                t.study_id == self._study_id(name),
+                t.state == TrialState.RUNNING,
+                ua.key == WORKER,
+                ua.value_json == json.dumps(worker_id),
+            )
+            .limit(1)
+        )
+        with self.optuna_storage.engine.connect() as conn:
+            found = conn.execute(query).scalar_one_or_none()
+        return None if found is None else int(found)
+
+    @storage_errors
+    def complete_values(self, name: str) -> list[tuple[int, tuple[float, ...]]]:
+        """(trial id, objective values) of every COMPLETE trial that is not infeasible,
+        read with two light queries (the Pareto front needs nothing else)."""
+        study_id = self._study_id(name)
+        t, v, ua = models.TrialModel, models.TrialValueModel, models.TrialUserAttributeModel
+        rows = (
+            sqlalchemy.select(v.trial_id, v.objective, v.value, v.value_type)
+            .join(t, t.trial_id == v.trial_id)
+            .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
+        )
+        infeasible = (
+            sqlalchemy.select(ua.trial_id)
+            .join(t, t.trial_id == ua.trial_id)
+            .where(t.study_id == study_id, ua.key == INFEASIBLE)
+        )
+        values: dict[int, dict[int, float]] = {}
+        with self.optuna_storage.engine.connect() as conn:
+            for trial_id, objective, value, kind in conn.execute(rows):
+                stored = models.TrialValueModel.stored_repr_to_value(value, kind)
+                values.setdefault(int(trial_id), {})[int(objective)] = stored
+            excluded = {int(i) for (i,) in conn.execute(infeasible)}
+        return [
+            (i, tuple(vals[k] for k in sorted(vals)))
+            for i, vals in sorted(values.items())
+            if i not in excluded
+        ]
+
+    @storage_errors
+    def rung_metrics(self, name: str, step: int) -> list[tuple[int, dict[str, float]]]:
+        """(trial id, metrics) of every trial of the study that reported at ``step``,
+        infeasible ones excluded: what MO-ASHA ranks a rung report against."""
+        study_id = self._study_id(name)
+        t, ua = models.TrialModel, models.TrialUserAttributeModel
+        rows = (
+            sqlalchemy.select(ua.trial_id, ua.key, ua.value_json)
+            .join(t, t.trial_id == ua.trial_id)
+            .where(t.study_id == study_id, ua.key.in_([f"{RUNG_PREFIX}{step}", INFEASIBLE]))
+        )
+        reports: dict[int, dict[str, float]] = {}
+        excluded: set[int] = set()
+        with self.optuna_storage.engine.connect() as conn:
+            for trial_id, key, value_json in conn.execute(rows):
+                if key == INFEASIBLE:
+                    excluded.add(int(trial_id))
+                else:
+                    reports[int(trial_id)] = dict(json.loads(value_json).get("metrics", {}))
+        return [(i, m) for i, m in sorted(reports.items()) if i not in excluded]
+
+    @storage_errors
+    def create_running_trial(
+        self,
+        name: str,
+        params: dict[str, Any],
+        distributions: dict[str, BaseDistribution],
+        attrs: dict[str, Any],
+        system_attrs: dict[str, Any],
+    ) -> TrialRecord:
+        """Insert a RUNNING trial with its params and attributes in one transaction
+        (``system_attrs``: what the sampler noted when it proposed the params)."""
+        study_id = self._study_id(name)
+        user_attrs = {STUDY: name, ATTEMPT: 1, **attrs}
+        dists = {k: distributions[k] for k in params}
+        started = _now()
+        # Optuna's create_new_trial checks each param against earlier trials' distributions
+        # and writes each attribute with its own lookups (25 queries for a LoRA trial);
+        # the spec fixed the distributions, so the rows go in as three bulk inserts.
+        with _scoped_session(self.optuna_storage.scoped_session) as session:
+            models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            row = models.TrialModel(
+                study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=started
+            )
+            session.add(row)
+            session.flush()
+            trial_id = int(row.trial_id)
+            if params:
+                session.execute(
+                    sqlalchemy.insert(models.TrialParamModel),
+                    [
+                        {
+                            "trial_id": trial_id,
+                            "param_name": k,
+                            "param_value": dists[k].to_internal_repr(v),
+                            "distribution_json": distribution_to_json(dists[k]),
+                        }
+                        for k, v in params.items()
+                    ],
+                )
+            for model, values in (
+                (models.TrialUserAttributeModel, user_attrs),
+                (models.TrialSystemAttributeModel, system_attrs),
+            ):
+                if values:
+                    session.execute(
+                        sqlalchemy.insert(model),
+                        [
+                            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                            for k, v in values.items()
+                        ],
+                    )
+            row.number = row.count_past_trials(session)
+            number = int(row.number)
+        self._trial_study[trial_id] = name
+        frozen = FrozenTrial(
+            number=number,
+            state=TrialState.RUNNING,
+            value=None,
+            values=None,
+            datetime_start=started,
+            datetime_complete=None,
+            params=dict(params),
+            distributions=dists,
+            user_attrs=user_attrs,
+            system_attrs=dict(system_attrs),
+            intermediate_values={},
+            trial_id=trial_id,
+        )
+        return self._trial_record(name, frozen)
+
+    @storage_errors
     def list_studies(self) -> list[StudyRecord]:
         records = [
             self._record(s._study_id, s.user_attrs)
@@ -317,16 +542,50 @@ class StudyStore:
         return self._trial_record(str(t.user_attrs.get(STUDY, "")), t)
 
     @storage_errors
+    def study_of(self, trial_id: int) -> str:
+        """The name of the trial's study (trials never move: remembered once read)."""
+        found = self._trial_study.get(trial_id)
+        if found is None:
+            ua = models.TrialUserAttributeModel
+            query = sqlalchemy.select(ua.value_json).where(ua.trial_id == trial_id, ua.key == STUDY)
+            with self.optuna_storage.engine.connect() as conn:
+                value = conn.execute(query).scalar_one_or_none()
+            if value is None:
+                raise NotFound(f"trial {trial_id} not found")
+            found = str(json.loads(value))
+            if len(self._trial_study) > 100_000:
+                self._trial_study.clear()
+            self._trial_study[trial_id] = found
+        return found
+
+    @storage_errors
     def request(self, trial_id: int, request_id: str) -> dict[str, Any] | None:
         """What was recorded for this idempotency key of the trial, if anything."""
-        attrs = self.optuna_storage.get_trial(trial_id).user_attrs
-        found = attrs.get(REQUEST_PREFIX + request_id)
+        ua = models.TrialUserAttributeModel
+        query = sqlalchemy.select(ua.value_json).where(
+            ua.trial_id == trial_id, ua.key == REQUEST_PREFIX + request_id
+        )
+        with self.optuna_storage.engine.connect() as conn:
+            value = conn.execute(query).scalar_one_or_none()
+        found = json.loads(value) if value is not None else None
         return dict(found) if isinstance(found, dict) else None
 
     @storage_errors
     def set_trial_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-        for key, value in attrs.items():
-            self.optuna_storage.set_trial_user_attr(trial_id, key, value)
+        """Write the attributes in one transaction (all or none)."""
+        rdb = self.optuna_storage
+        with _scoped_session(rdb.scoped_session) as session:
+            for key, value in attrs.items():
+                rdb._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+
+    @storage_errors
+    def finish_trial(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> None:
+        """Set a running trial's final state (and values), as Optuna's tell would."""
+        self.optuna_storage.set_trial_state_values(trial_id, state, values)
 
     @storage_errors
     def annotate_trial(self, trial_id: int, attrs: dict[str, Any]) -> bool:

@@ -61,9 +61,14 @@ class Tracker(Protocol):
     def trial_finished(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None: ...
 
     def front_changed(
-        self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
     ) -> None:
-        """``trials``: every COMPLETE trial with its current ``pareto_rank``."""
+        """``load_trials()``: every COMPLETE trial with its current ``pareto_rank``; called
+        only if the tracker needs them (it reads the trial table)."""
         ...
 
     def flush(self, timeout: float = 30.0) -> None: ...
@@ -89,7 +94,11 @@ class NullTracker:
         pass
 
     def front_changed(
-        self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
     ) -> None:
         pass
 
@@ -204,11 +213,15 @@ class MlflowTracker:
         self._submit(self._finish_child, spec, trial, final_step)
 
     def front_changed(
-        self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
     ) -> None:
         with self._pending_lock:
             self._pending_fronts[spec.name] = self._pending_fronts.get(spec.name, 0) + 1
-        self._submit(self._update_front, spec, trials, hypervolume, n_complete)
+        self._submit(self._update_front, spec, load_trials, hypervolume, n_complete)
 
     # ------------------------------------------------------------ MLflow work (tracker thread)
 
@@ -310,15 +323,20 @@ class MlflowTracker:
         self._client.set_terminated(run_id, _RUN_STATUS.get(trial.state, "FINISHED"))
 
     def _update_front(
-        self, spec: StudySpec, trials: list[TrialRecord], hypervolume: float, n_complete: int
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
     ) -> None:
         with self._pending_lock:
             self._pending_fronts[spec.name] -= 1
             superseded = self._pending_fronts[spec.name] > 0
         _, parent = self._parent(spec)
         self._client.log_metric(parent, "hypervolume", hypervolume, step=n_complete)
-        if superseded:
+        if superseded:  # a later update follows: read the trials and draw the front once
             return
+        trials = load_trials()
         for t in trials:
             run_id = self._child(spec, t)
             tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
