@@ -1,4 +1,5 @@
-"""Servicers: proto ⇄ domain conversion around the study service, nothing else."""
+"""Servicers: proto ⇄ domain conversion around the study service, and the tenancy checks
+of server.auth (no-ops with auth off)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from datetime import datetime
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from server.auth import Tenancy, acquire_for_team, current_identity
 from server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
-from server.service import Acquired, StudyService
+from server.service import Acquired, NoWork, StudyService
 from stagetune.errors import InvalidArgument
 from stagetune.spec import spec_from_proto, spec_to_proto, value_to_proto
 from stagetune.v1 import study_service_pb2 as ss
@@ -102,27 +104,31 @@ def _name(value: str, field: str = "study_name") -> str:
 class StudyServicer(ss_grpc.StudyServiceServicer):
     def __init__(self, service: StudyService) -> None:
         self._service = service
+        self._tenancy = Tenancy(service.store)
 
     def CreateStudy(
         self, request: ss.CreateStudyRequest, context: grpc.ServicerContext
     ) -> ss.CreateStudyResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
-        record, created = self._service.create_study(spec_from_proto(request.spec))
+        spec = spec_from_proto(request.spec)
+        self._tenancy.before_create(spec)
+        record, created = self._service.create_study(spec, self._tenancy.owner_attrs())
+        self._tenancy.after_create(spec.name, created)
         return ss.CreateStudyResponse(study=study_to_proto(record), created=created)
 
     def GetStudy(self, request: ss.GetStudyRequest, context: grpc.ServicerContext) -> pb.Study:
-        return study_to_proto(self._service.get_study(_name(request.study_name)))
+        return study_to_proto(self._service.get_study(self._visible(request.study_name)))
 
     def ListStudies(
         self, request: ss.ListStudiesRequest, context: grpc.ServicerContext
     ) -> ss.ListStudiesResponse:
         return ss.ListStudiesResponse(
-            studies=[study_to_proto(r) for r in self._service.list_studies()]
+            studies=[study_to_proto(r) for r in self._tenancy.visible(self._service.list_studies())]
         )
 
     def StopStudy(self, request: ss.StopStudyRequest, context: grpc.ServicerContext) -> pb.Study:
-        return study_to_proto(self._service.stop_study(_name(request.study_name)))
+        return study_to_proto(self._service.stop_study(self._visible(request.study_name)))
 
     def ListTrials(
         self, request: ss.ListTrialsRequest, context: grpc.ServicerContext
@@ -132,13 +138,13 @@ class StudyServicer(ss_grpc.StudyServiceServicer):
             if s not in _TRIAL_STATE_NAME:
                 raise InvalidArgument(f"states[{i}]", f"unknown trial state {s}")
             states.append(_TRIAL_STATE_NAME[s])
-        trials = self._service.list_trials(_name(request.study_name), states)
+        trials = self._service.list_trials(self._visible(request.study_name), states)
         return ss.ListTrialsResponse(trials=[trial_to_proto(t) for t in trials])
 
     def GetParetoFront(
         self, request: ss.GetParetoFrontRequest, context: grpc.ServicerContext
     ) -> ss.GetParetoFrontResponse:
-        view = self._service.pareto_front(_name(request.study_name))
+        view = self._service.pareto_front(self._visible(request.study_name))
         return ss.GetParetoFrontResponse(
             objectives=spec_to_proto(view.spec).objectives,
             trials=[trial_to_proto(t) for t in view.front],
@@ -146,16 +152,31 @@ class StudyServicer(ss_grpc.StudyServiceServicer):
             knee_trial_id=view.knee_trial_id,
         )
 
+    def _visible(self, study_name: str) -> str:
+        name = _name(study_name)
+        self._tenancy.check_study(name)
+        return name
+
 
 class WorkerServicer(ws_grpc.WorkerServiceServicer):
     def __init__(self, service: StudyService, tracking_uri: str = "") -> None:
         self._service = service
         self._tracking_uri = tracking_uri
+        self._tenancy = Tenancy(service.store)
+
+    def _acquire(self, worker_id: str, study_name: str) -> Acquired | NoWork:
+        identity = current_identity()
+        if identity is None or identity.is_admin:
+            return self._service.acquire(worker_id, study_name)
+        if study_name:
+            self._tenancy.check_study(study_name)
+            return self._service.acquire(worker_id, study_name)
+        return acquire_for_team(self._service, self._tenancy, worker_id, identity.team)
 
     def AcquireTrial(
         self, request: ws.AcquireTrialRequest, context: grpc.ServicerContext
     ) -> ws.AcquireTrialResponse:
-        result = self._service.acquire(request.worker_id, request.study_name)
+        result = self._acquire(request.worker_id, request.study_name)
         if isinstance(result, Acquired):
             assignment = ws.Assignment(
                 trial=trial_to_proto(result.trial),
@@ -173,6 +194,7 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
     def ReportProgress(
         self, request: ws.ReportProgressRequest, context: grpc.ServicerContext
     ) -> ws.ReportProgressResponse:
+        self._tenancy.check_trial(request.trial_id)
         stop, reason, lease = self._service.report_progress(
             request.trial_id,
             request.worker_id,
@@ -189,12 +211,14 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
     def Heartbeat(
         self, request: ws.HeartbeatRequest, context: grpc.ServicerContext
     ) -> ws.HeartbeatResponse:
+        self._tenancy.check_trial(request.trial_id)
         lease, should_stop = self._service.heartbeat(request.trial_id, request.worker_id)
         return ws.HeartbeatResponse(lease_expire_time=_timestamp(lease), should_stop=should_stop)
 
     def CompleteTrial(
         self, request: ws.CompleteTrialRequest, context: grpc.ServicerContext
     ) -> ws.CompleteTrialResponse:
+        self._tenancy.check_trial(request.trial_id)
         trial = self._service.complete(
             request.trial_id, request.worker_id, dict(request.metrics), request.request_id
         )
@@ -206,6 +230,7 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         kind = _FAILURE_KIND.get(request.kind)
         if kind is None:
             raise InvalidArgument("kind", "must be CRASH, OUT_OF_MEMORY or INTERRUPTED")
+        self._tenancy.check_trial(request.trial_id)
         trial, requeued = self._service.fail(
             request.trial_id,
             request.worker_id,

@@ -22,8 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stagetune.client import DEFAULT_ADDRESS, StudyClient, WorkerClient
-from stagetune.errors import FailedPrecondition, NotFound, StagetuneError, Unavailable
+from stagetune.client import (
+    DEFAULT_ADDRESS,
+    TLS_CA_ENV,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    TOKEN_ENV,
+    StudyClient,
+    WorkerClient,
+)
+from stagetune.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    StagetuneError,
+    Unavailable,
+)
 from stagetune.spec import spec_from_proto, value_from_proto
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
@@ -57,6 +71,34 @@ class WorkerSettings:
     work_dir: Path = field(default_factory=lambda: Path("stagetune-data") / "work")
     poll_interval: float = 2.0
     keep_outputs: bool = False  # keep each trial's output folder (checkpoints, adapters)
+    # Credentials (None: from $STAGETUNE_TOKEN / $STAGETUNE_TLS_*). They reach the trial
+    # processes through those variables; the token is never printed (not even in a repr).
+    token: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def client_options(self) -> dict[str, str | None]:
+        return {
+            "token": self.token,
+            "ca_cert": self.tls_ca,
+            "client_cert": self.tls_cert,
+            "client_key": self.tls_key,
+        }
+
+    def trial_env(self) -> dict[str, str]:
+        """What a trial process needs to reach the server as this worker does."""
+        env: dict[str, str] = {}
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        for name, value in (
+            (TLS_CA_ENV, self.tls_ca),
+            (TLS_CERT_ENV, self.tls_cert),
+            (TLS_KEY_ENV, self.tls_key),
+        ):
+            if value:
+                env[name] = str(Path(value).resolve())
+        return env
 
 
 @dataclass(frozen=True)
@@ -112,8 +154,8 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.client = WorkerClient(settings.server)
-        self.studies = StudyClient(settings.server)
+        self.client = WorkerClient(settings.server, **settings.client_options())
+        self.studies = StudyClient(settings.server, **settings.client_options())
         self._stop = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self.outcomes: list[TrialOutcome] = []
@@ -150,7 +192,7 @@ class Worker:
                     self._stop.wait(s.poll_interval)
                     continue
                 if isinstance(got, ws.NoTrial):
-                    if s.study_name and self._study_finished():
+                    if s.study_name and self._study_finished(got):
                         self._log(f"study {s.study_name} is finished; exiting")
                         break
                     wait = got.retry_after.ToTimedelta().total_seconds() or s.poll_interval
@@ -162,11 +204,14 @@ class Worker:
             self.studies.close()
         return self.outcomes
 
-    def _study_finished(self) -> bool:
+    def _study_finished(self, no_trial: ws.NoTrial) -> bool:
         try:
             study = self.studies.get_study(self.settings.study_name)
         except NotFound:
             return True
+        except PermissionDenied:
+            # A worker token may not read studies: the server's answer names the state.
+            return no_trial.reason.endswith(("(done)", "(stopped)"))
         return study.state in (pb.STUDY_STATE_DONE, pb.STUDY_STATE_STOPPED)
 
     # ------------------------------------------------------------ one trial
@@ -217,6 +262,7 @@ class Worker:
             TRANSFORMERS_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",
         )
+        env.update(s.trial_env())
         if s.threads_per_trial:
             env["OMP_NUM_THREADS"] = str(s.threads_per_trial)
         if s.gpus == 0:

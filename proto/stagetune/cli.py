@@ -3,6 +3,9 @@
 Heavy imports live inside each command, so ``stagetune --help`` and the CLI's own commands
 start fast and the ``status``/``pareto`` commands never import torch. Errors print one line
 naming the problem (and the field, for a bad config) and exit with status 2.
+
+Client commands take ``--token`` (else ``$STAGETUNE_TOKEN``; prefer the variable: a flag
+shows in ``ps``) and ``--tls-ca``/``--tls-cert``/``--tls-key`` (else ``$STAGETUNE_TLS_*``).
 """
 
 from __future__ import annotations
@@ -69,8 +72,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         storage_url=args.storage,
         tracking_uri=args.tracking_uri,
         lease_seconds=args.lease_seconds,
+        auth_file=Path(args.auth_file) if args.auth_file else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
     return run_server(settings)
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """Client keyword arguments from the connection flags (None: from the environment)."""
+    return {
+        "token": args.token,
+        "ca_cert": args.tls_ca,
+        "client_cert": args.tls_cert,
+        "client_key": args.tls_key,
+    }
+
+
+def _study_client(args: argparse.Namespace) -> StudyClient:
+    return StudyClient(args.server, **_connection(args))
 
 
 # ------------------------------------------------------------------ submit
@@ -80,7 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = load_spec_file(args.config)
     if args.name:
         spec = dataclasses.replace(spec, name=args.name)
-    with StudyClient(args.server) as client:
+    with _study_client(args) as client:
         study, created = client.create_study(spec)
     if created:
         print(f"created study {spec.name} ({spec.stage}, {spec.budget.max_trials} trials)")
@@ -105,6 +126,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         threads_per_trial=args.threads,
         work_dir=Path(args.work_dir),
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     if args.worker_id:
         settings.worker_id = args.worker_id
@@ -185,7 +210,7 @@ def render_status(client: StudyClient, name: str | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with StudyClient(args.server) as client:
+    with _study_client(args) as client:
         print(render_status(client, args.study))
     return 0
 
@@ -241,13 +266,13 @@ def render_pareto(front: ss.GetParetoFrontResponse, fmt: str) -> str:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    with StudyClient(args.server) as client:
+    with _study_client(args) as client:
         print(render_pareto(client.pareto_front(args.study), args.format))
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    with StudyClient(args.server) as client:
+    with _study_client(args) as client:
         study = client.stop_study(args.study)
     print(f"study {args.study}: {_STUDY_STATE.get(study.state, '?')}")
     return 0
@@ -276,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--server", default=DEFAULT_ADDRESS, help="server address (host:port)")
+        p.add_argument("--token", help="bearer token (default: $STAGETUNE_TOKEN)")
+        p.add_argument("--tls-ca", help="CA bundle (PEM) to verify the server: turns TLS on")
+        p.add_argument("--tls-cert", help="client certificate (PEM) for mTLS; TLS on")
+        p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
         return p
 
     p = sub.add_parser("serve", help="run the optimisation service")
@@ -285,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="SQLAlchemy URL (default: SQLite in --data-dir)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in --data-dir)")
     p.add_argument("--lease-seconds", type=float, default=120.0, help="trial lease length")
+    p.add_argument("--auth-file", help="token file (YAML): require tokens, roles and teams")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS only")
+    p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-client-ca", help="CA (PEM): require client certificates it signed")
     p.set_defaults(fn=cmd_serve)
 
     p = with_server(sub.add_parser("submit", help="create a study from a YAML config"))

@@ -5,19 +5,34 @@ deadline, UNAVAILABLE is retried a bounded number of times with backoff (all cal
 safe to repeat: creation and completion are idempotent on the server), and any other gRPC
 failure is raised as the domain error of ``stagetune.errors`` that the server raised, so
 callers never handle ``grpc.RpcError``.
+
+Credentials: a bearer token (``token=``, else ``$STAGETUNE_TOKEN``) goes with every call as
+``authorization: Bearer <token>`` metadata. TLS is on when a CA bundle or client
+certificate is given (``ca_cert``/``client_cert``/``client_key``, else
+``$STAGETUNE_TLS_CA``/``$STAGETUNE_TLS_CERT``/``$STAGETUNE_TLS_KEY``) or ``tls=True``
+(system roots). The environment variables are how a worker hands its credentials to the
+trial processes it starts. The token is never put in a message, a log line or a repr.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import grpc
 
-from stagetune.errors import DeadlineExceeded, StagetuneError, Unavailable, error_from_status
+from stagetune.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    StagetuneError,
+    Unavailable,
+    error_from_status,
+)
 from stagetune.spec import StudySpec, spec_to_proto
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
@@ -25,9 +40,24 @@ from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
 
-__all__ = ["StudyClient", "WorkerClient", "ProgressDecision", "DEFAULT_ADDRESS"]
+__all__ = [
+    "StudyClient",
+    "WorkerClient",
+    "ProgressDecision",
+    "DEFAULT_ADDRESS",
+    "TOKEN_ENV",
+    "TLS_CA_ENV",
+    "TLS_CERT_ENV",
+    "TLS_KEY_ENV",
+    "channel_credentials",
+]
 
 DEFAULT_ADDRESS = "localhost:50051"
+TOKEN_ENV = "STAGETUNE_TOKEN"
+TLS_CA_ENV = "STAGETUNE_TLS_CA"
+TLS_CERT_ENV = "STAGETUNE_TLS_CERT"
+TLS_KEY_ENV = "STAGETUNE_TLS_KEY"
+PathLike = str | Path
 _T = TypeVar("_T")
 
 FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
@@ -46,6 +76,52 @@ class ProgressDecision:
     reason: str = ""
 
 
+def _setting(value: PathLike | None, env: str) -> str:
+    """An explicit value, else the environment's; "" = not set."""
+    if value is None:
+        return os.environ.get(env, "").strip()
+    return str(value)
+
+
+def _read(path: str, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(field, f"cannot read {path}: {e.strerror}") from None
+
+
+def channel_credentials(
+    ca_cert: PathLike | None = None,
+    client_cert: PathLike | None = None,
+    client_key: PathLike | None = None,
+    tls: bool | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for a plaintext channel (see the module docstring)."""
+    ca = _setting(ca_cert, TLS_CA_ENV)
+    cert = _setting(client_cert, TLS_CERT_ENV)
+    key = _setting(client_key, TLS_KEY_ENV)
+    if bool(cert) != bool(key):
+        raise InvalidArgument(
+            "tls_cert" if not cert else "tls_key", "client certificate and key go together"
+        )
+    if tls is False or (tls is None and not (ca or cert)):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "tls_ca") if ca else None,
+        private_key=_read(key, "tls_key") if key else None,
+        certificate_chain=_read(cert, "tls_cert") if cert else None,
+    )
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    value = _setting(token, TOKEN_ENV).strip()
+    if not value:
+        return ()
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise InvalidArgument("token", "must be printable ASCII without spaces")  # not echoed
+    return (("authorization", f"Bearer {value}"),)
+
+
 class _Client:
     def __init__(
         self,
@@ -55,12 +131,27 @@ class _Client:
         retries: int = 5,
         backoff: float = 0.5,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        ca_cert: PathLike | None = None,
+        client_cert: PathLike | None = None,
+        client_key: PathLike | None = None,
+        tls: bool | None = None,
     ) -> None:
+        """``token``/``ca_cert``/``client_cert``/``client_key``: None = from the
+        environment, "" = none. ``tls``: None = on when a CA or client certificate is set."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._channel = channel or grpc.insecure_channel(address)
+        self._metadata = _auth_metadata(token)
+        if channel is None:
+            creds = channel_credentials(ca_cert, client_cert, client_key, tls)
+            channel = (
+                grpc.secure_channel(address, creds)
+                if creds is not None
+                else grpc.insecure_channel(address)
+            )
+        self._channel = channel
 
     def close(self) -> None:
         self._channel.close()
@@ -75,7 +166,7 @@ class _Client:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
                 details = (e.details() if hasattr(e, "details") else "") or str(code)
