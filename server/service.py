@@ -15,10 +15,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from objectives.pareto import default_reference, hypervolume, knee_point, non_dominated_ranks
 from server import storage as st
@@ -113,10 +113,13 @@ class StudyService:
 
     # ------------------------------------------------------------ studies
 
-    def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
+    def create_study(
+        self, spec: StudySpec, attrs: dict[str, Any] | None = None
+    ) -> tuple[StudyRecord, bool]:
+        """Create a study (``attrs``: stored with it, e.g. its owning team)."""
         validate_spec(spec)  # raises before anything is written
         seeds = self._warm_start_seeds(spec)  # so do unknown or mismatched source studies
-        record, created = self.store.create_study(spec)
+        record, created = self.store.create_study(spec, attrs)
         if created and seeds:
             with self._lock(spec.name):
                 for source, params in seeds:
@@ -195,15 +198,22 @@ class StudyService:
 
     # ------------------------------------------------------------ workers
 
-    def acquire(self, worker_id: str, study_name: str = "") -> Acquired | NoWork:
+    def acquire(
+        self, worker_id: str, study_name: str = "", among: Collection[str] | None = None
+    ) -> Acquired | NoWork:
         """Hand out a trial: the one this worker still holds, else a queued retry, else the
-        next ready suggestion. Reads no trial table: two count queries and one insert."""
+        next ready suggestion. Reads no trial table: two count queries and one insert.
+        Without ``study_name``: from any running study, or only those named in ``among``."""
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
         if study_name:
             heads = [(self.store.study_head(study_name), _EPOCH)]
         else:
-            heads = [(h, c) for h, c in self.store.study_heads() if h.state == "running"]
+            heads = [
+                (h, c)
+                for h, c in self.store.study_heads()
+                if h.state == "running" and (among is None or h.spec.name in among)
+            ]
         # A worker that asks again while it still holds a trial gets that trial back.
         for head, _ in heads:
             held = self.store.held_trial(head.spec.name, worker_id)

@@ -198,8 +198,11 @@ class StudyStore:
                 conn.commit()
 
     @storage_errors
-    def create_study(self, spec: StudySpec) -> tuple[StudyRecord, bool]:
-        """Create the study, or return the existing equal one. A different spec: AlreadyExists."""
+    def create_study(
+        self, spec: StudySpec, attrs: dict[str, Any] | None = None
+    ) -> tuple[StudyRecord, bool]:
+        """Create the study, or return the existing equal one. A different spec: AlreadyExists.
+        ``attrs`` (the owning team, say) are written with it, before anyone can see it."""
         spec_json = json_format.MessageToJson(spec_to_proto(spec), sort_keys=True)
         with self._create_lock:
             try:
@@ -220,6 +223,8 @@ class StudyStore:
                 s = self.optuna_storage
                 s.set_study_user_attr(study_id, _SPEC, spec_json)
                 s.set_study_user_attr(study_id, _CREATED, _now().timestamp())
+                for key, value in (attrs or {}).items():
+                    s.set_study_user_attr(study_id, key, value)
                 s.set_study_user_attr(study_id, _STATE, "running")
             except Exception:
                 # A half-written study would block the name forever: remove it.

@@ -29,6 +29,7 @@ def test_redaction_rules() -> None:
     assert redact_text(f"HF_TOKEN={TOKEN} api_key: '{TOKEN}' {HF}") == (
         "HF_TOKEN=*** api_key: '***' hf_***"
     )
+    assert redact_text(f"authorization: Bearer {TOKEN}") == "authorization: Bearer ***"
     assert redact({"model": {"hub_token": TOKEN, "name": "x"}}) == {
         "model": {"hub_token": "***", "name": "x"}
     }

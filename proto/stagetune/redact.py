@@ -1,6 +1,7 @@
 """Secrets out of everything the service writes: logs, MLflow tags and artifacts, error
 messages. Credentials in URLs (``postgresql://user:PASSWORD@host``), ``token=...`` /
-``password: ...`` style assignments and Hugging Face tokens are replaced by ``***``."""
+``password: ...`` style assignments, ``Bearer ...`` authorization values and Hugging Face
+tokens are replaced by ``***``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ _ASSIGNED = re.compile(
     re.IGNORECASE,
 )
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+_BEARER = re.compile(r"(\bBearer\s+)(\S+)", re.IGNORECASE)
 _MASK = "***"
 
 
@@ -28,6 +30,7 @@ def redact_text(text: str) -> str:
     """``text`` with every recognisable secret replaced by ``***``."""
     text = _URL_PASSWORD.sub(rf"\g<1>{_MASK}\g<3>", text)
     text = _ASSIGNED.sub(rf"\g<1>{_MASK}", text)
+    text = _BEARER.sub(rf"\g<1>{_MASK}", text)
     return _HF_TOKEN.sub(f"hf_{_MASK}", text)
 
 
