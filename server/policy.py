@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -149,26 +150,35 @@ class OptunaPolicy:
     def can_ask_new(self, spec: StudySpec, budget_used: int) -> bool:
         return budget_used < spec.budget.max_trials
 
-    def tell_complete(self, spec: StudySpec, trial: TrialRecord, values: Sequence[float]) -> None:
-        self._tell(spec, trial, TrialState.COMPLETE, values)
+    def tell_complete(
+        self,
+        spec: StudySpec,
+        trial: TrialRecord,
+        values: Sequence[float],
+        attrs: dict[str, Any],
+    ) -> datetime:
+        return self._tell(spec, trial, TrialState.COMPLETE, attrs, values)
 
-    def tell_stopped(self, spec: StudySpec, trial: TrialRecord) -> None:
-        self._tell(spec, trial, TrialState.PRUNED)
+    def tell_stopped(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> datetime:
+        return self._tell(spec, trial, TrialState.PRUNED, attrs)
 
-    def tell_failed(self, spec: StudySpec, trial: TrialRecord) -> None:
-        self._tell(spec, trial, TrialState.FAIL)
+    def tell_failed(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> datetime:
+        return self._tell(spec, trial, TrialState.FAIL, attrs)
 
     def _tell(
         self,
         spec: StudySpec,
         trial: TrialRecord,
         state: TrialState,
+        attrs: dict[str, Any],
         values: Sequence[float] | None = None,
-    ) -> None:
-        """Record the outcome in the database; the mirror's sampler learns it from there
-        (constraint values included), in the background."""
-        self._store.finish_trial(trial.trial_id, state, values)
+    ) -> datetime:
+        """Record the outcome with its attributes in the database (one transaction); the
+        mirror's sampler learns it from there, constraint values included, in the
+        background. Returns the completion time."""
+        completed = self._store.finish_trial(trial.trial_id, state, values, attrs)
         self.pool.finished(spec.name, trial.trial_id)
+        return completed
 
     @storage_errors
     def seed(self, spec: StudySpec, params: dict[str, ParamValue], source: str) -> None:

@@ -347,8 +347,7 @@ class StudyService:
         attrs: dict[str, object] = {st.REASON: reason}
         if violation:
             attrs[st.INFEASIBLE] = violation
-        self.store.set_trial_attrs(trial.trial_id, attrs)
-        self.policy.tell_stopped(study.spec, trial)
+        self.policy.tell_stopped(study.spec, trial, attrs)
         final = self.store.trial(trial.trial_id)
         self.tracker.trial_finished(study.spec, final, step)
 
@@ -389,9 +388,8 @@ class StudyService:
             if violation:  # measured only at the end (e.g. decode latency): off the front
                 attrs[st.INFEASIBLE] = violation
                 attrs[st.REASON] = f"infeasible at the full budget: {violation}"
-            self.store.set_trial_attrs(trial_id, attrs)
-            self.policy.tell_complete(spec, trial, values)
-            trial = self.store.trial(trial_id)  # as stored: a repeat returns the same
+            self.policy.tell_complete(spec, trial, values, attrs)
+            trial = self.store.trial(trial_id)  # as stored: a repeated call returns the same
             self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
             self._update_front(study)
         return trial
@@ -478,8 +476,7 @@ class StudyService:
         if request is not None:
             key, payload = request
             attrs[st.REQUEST_PREFIX + key] = {"payload": payload, "answer": {"requeued": requeued}}
-        self.store.set_trial_attrs(trial.trial_id, attrs)
-        self.policy.tell_failed(spec, trial)
+        self.policy.tell_failed(spec, trial, attrs)
         if requeued:
             self.policy.requeue(spec, trial.params, trial.attempt + 1)
         final = self.store.trial(trial.trial_id)

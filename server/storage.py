@@ -587,10 +587,29 @@ class StudyStore:
 
     @storage_errors
     def finish_trial(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
-    ) -> None:
-        """Set a running trial's final state (and values), as Optuna's tell would."""
-        self.optuna_storage.set_trial_state_values(trial_id, state, values)
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: Sequence[float] | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> datetime:
+        """End a running trial: its attributes (metrics, reason, idempotency answer), final
+        values and state in one transaction, so a crash leaves all of it or none. Returns
+        the completion time stored."""
+        rdb = self.optuna_storage
+        completed = _now()
+        with _scoped_session(rdb.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+            rdb.check_trial_is_updatable(trial_id, row.state)  # type: ignore[arg-type]
+            for key, value in (attrs or {}).items():
+                rdb._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+            for objective, v in enumerate(values or ()):
+                rdb._set_trial_value_without_commit(session, row, objective, v)
+            row.state = state
+            row.datetime_complete = completed
+        return completed
 
     @storage_errors
     def annotate_trial(self, trial_id: int, attrs: dict[str, Any]) -> bool:
