@@ -24,9 +24,10 @@ from stagetune.v1 import worker_service_pb2 as ws
 
 
 def run_workers(
-    server: StagetuneServer, study: str, workers: int
+    servers: list[StagetuneServer], study: str, workers: int
 ) -> tuple[list[int], list[float], list[BaseException]]:
-    """Each worker: acquire -> report one rung -> complete, until the study has no work."""
+    """Each worker: acquire -> report one rung -> complete, until the study has no work.
+    Worker i talks to ``servers[i % len(servers)]`` (replicas sharing one database)."""
     done: list[int] = []
     acquire_seconds: list[float] = []
     errors: list[BaseException] = []
@@ -37,7 +38,7 @@ def run_workers(
         rng = random.Random(i)
         name = f"load-{i}"
         try:
-            with WorkerClient(server.address, timeout=60) as wc:
+            with WorkerClient(servers[i % len(servers)].address, timeout=60) as wc:
                 start.wait()
                 while True:
                     t0 = time.perf_counter()
@@ -70,11 +71,13 @@ def run_workers(
     return done, acquire_seconds, errors
 
 
-def check(server: StagetuneServer, spec: StudySpec, workers: int) -> None:
+def check(
+    server: StagetuneServer, spec: StudySpec, workers: int, *replicas: StagetuneServer
+) -> None:
     with StudyClient(server.address) as sc:
         sc.create_study(spec)
         started = time.perf_counter()
-        done, acquires, errors = run_workers(server, spec.name, workers)
+        done, acquires, errors = run_workers([server, *replicas], spec.name, workers)
         seconds = time.perf_counter() - started
         assert errors == []
         trials = sc.list_trials(spec.name)
@@ -95,6 +98,23 @@ def test_racing_workers_complete_exactly_the_budget(
 ) -> None:
     spec = dataclasses.replace(lora_spec, budget=BudgetSpec(trials, 0))  # runs every trial
     check(server, spec, workers)
+
+
+@pytest.mark.postgres
+def test_two_replicas_sharing_postgresql_hand_out_exactly_the_budget(
+    tmp_path: Path, postgres_url: str, lora_spec: StudySpec
+) -> None:
+    """Two servers, each with its own locks and suggestion pool, on one database: workers
+    split between them still get exactly max_trials trials, each completed once."""
+    from tests.conftest import start_server
+
+    a = start_server(tmp_path / "a", storage_url=postgres_url, tracking_uri="")
+    b = start_server(tmp_path / "b", storage_url=postgres_url, tracking_uri="")
+    try:
+        check(a, dataclasses.replace(lora_spec, budget=BudgetSpec(40, 0)), 16, b)
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
 
 
 @pytest.mark.soak
