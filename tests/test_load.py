@@ -132,8 +132,8 @@ def test_soak_32_workers_x_20_trials_on_sqlite(tmp_path: Path, lora_spec: StudyS
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_soak_64_workers_x_20_trials_on_postgresql(
-    tmp_path, postgres_url: str, lora_spec: StudySpec
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, postgres_url: str, lora_spec: StudySpec
+) -> None:
     from tests.conftest import start_server
 
     srv = start_server(tmp_path, storage_url=postgres_url, tracking_uri="")
