@@ -70,10 +70,15 @@ def _check_request_id(request_id: str) -> None:
         raise InvalidArgument("request_id", "must be at most 128 characters")
 
 
+MAX_METRICS = 256  # per report: names are stored with every trial
+
+
 def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
+    if len(metrics) > MAX_METRICS:
+        raise InvalidArgument(where, f"has {len(metrics)} entries; the limit is {MAX_METRICS}")
     for key, value in metrics.items():
-        if not key:
-            raise InvalidArgument(where, "metric names must not be empty")
+        if not key or len(key) > 128:
+            raise InvalidArgument(where, "metric names must be 1 to 128 characters")
         if not math.isfinite(value):
             raise InvalidArgument(f"{where}.{key}", f"must be finite, got {value}")
 

@@ -22,6 +22,7 @@ from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 from tests.test_cli import stagetune
+from trainer.worker import trial_folder
 
 BOMB = """name: bomb
 stage: lora
@@ -166,3 +167,37 @@ def test_fuzzed_results_never_complete_a_trial_with_bad_values(
             assert good and trial.state in (pb.TRIAL_STATE_COMPLETE, pb.TRIAL_STATE_INFEASIBLE)
         with pytest.raises((FailedPrecondition, InvalidArgument)):
             wc.report_progress(tid, "fuzzer", 1, metrics)  # a finished trial takes nothing
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "a/../../b", "/etc", "a/b", "", "."])
+def test_a_study_name_that_is_not_a_plain_folder_gets_no_trial_folder(
+    tmp_path: Path, name: str
+) -> None:
+    """The worker deletes and rewrites a trial's folder: a name from the server that would
+    put it outside ``work_dir/<study>`` gets no folder at all (the trial is failed)."""
+    work = tmp_path / "work"
+    assert trial_folder(work, name, 7) is None
+    assert trial_folder(work, "demo-lora", 7) == (work / "demo-lora" / "trial-7").resolve()
+
+
+def test_oversized_lists_are_refused_naming_the_field(
+    fuzz_server: StagetuneServer,
+) -> None:
+    import dataclasses
+
+    from stagetune.spec import FloatParam, load_spec_file
+
+    spec = dataclasses.replace(load_spec_file(REPO / "configs" / "lora.yaml"), name="huge")
+    many = tuple(FloatParam(f"p{i}", 0.0, 1.0) for i in range(65))
+    with StudyClient(fuzz_server.address, retries=0) as sc:
+        with pytest.raises(InvalidArgument) as err:
+            sc.create_study(dataclasses.replace(spec, search_space=many))
+        assert err.value.field == "search_space" and "limit is 64" in err.value.message
+        assert all(s.spec.name != "huge" for s in sc.list_studies())
+        sc.create_study(dataclasses.replace(spec, name="metric-flood"))
+    with WorkerClient(fuzz_server.address, retries=0) as wc:
+        tid = wc.acquire("flooder", study_name="metric-flood").trial.trial_id
+        flood = {f"m{i}": 1.0 for i in range(300)}
+        with pytest.raises(InvalidArgument) as err:
+            wc.report_progress(tid, "flooder", 8, flood)
+        assert err.value.field == "metrics"

@@ -109,6 +109,16 @@ class TrialOutcome:
     detail: str = ""
 
 
+def trial_folder(work_dir: Path, study_name: str, trial_id: int) -> Path | None:
+    """``work_dir/<study>/trial-<id>``, or None if the study name (which comes from the
+    server) would put it anywhere else: the worker deletes and writes this folder."""
+    base = work_dir.resolve()
+    study_dir = (base / study_name).resolve()
+    if not study_name or study_dir.parent != base or study_dir.name != study_name:
+        return None
+    return study_dir / f"trial-{trial_id}"
+
+
 def launch_command(
     assignment_path: Path, processes: int, cpu: bool, deepspeed: bool = False
 ) -> list[str]:
@@ -242,7 +252,12 @@ class Worker:
         s = self.settings
         trial = got.trial
         started = time.monotonic()
-        trial_dir = (s.work_dir / trial.study_name / f"trial-{trial.trial_id}").resolve()
+        trial_dir = trial_folder(s.work_dir, trial.study_name, trial.trial_id)
+        if trial_dir is None:  # never rmtree or write outside the work folder
+            why = f"study name {trial.study_name!r} is not a plain folder name; refused"
+            self._log(f"trial {trial.trial_id}: {why}")
+            self.client.fail(trial.trial_id, s.worker_id, "crash", why)
+            return TrialOutcome(trial.trial_id, "failed", time.monotonic() - started, why)
         shutil.rmtree(trial_dir, ignore_errors=True)
         trial_dir.mkdir(parents=True)
         assignment = self._write_assignment(got, trial_dir)

@@ -46,6 +46,7 @@ __all__ = [
     "BudgetSpec",
     "StudySpec",
     "MAX_SPEC_BYTES",
+    "LIMITS",
     "load_spec_file",
     "spec_from_mapping",
     "validate_spec",
@@ -56,6 +57,15 @@ __all__ = [
 ]
 
 MAX_SPEC_BYTES = 1 << 20
+#: How many of each list a spec may hold: far above any real study, low enough that no
+#: spec makes the sampler, the front or a response blow up.
+LIMITS = {
+    "search_space": 64,
+    "choices": 256,
+    "objectives": 8,
+    "constraints": 32,
+    "warm_start.studies": 16,
+}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SAMPLERS: tuple[SamplerName, ...] = ("tpe", "nsga2", "random")
 _DIRECTIONS: dict[str, Direction] = {"minimize": "minimize", "maximize": "maximize"}
@@ -514,6 +524,11 @@ def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
     else:
         if not p.choices:
             raise InvalidArgument(f"{where}.choices", "must not be empty")
+        if len(p.choices) > LIMITS["choices"]:
+            raise InvalidArgument(
+                f"{where}.choices",
+                f"has {len(p.choices)} entries; the limit is {LIMITS['choices']}",
+            )
         seen: set[tuple[str, ParamValue]] = set()
         for i, c in enumerate(p.choices):
             key = (type(c).__name__, c)
@@ -553,6 +568,16 @@ def validate_spec(spec: StudySpec) -> None:
         raise InvalidArgument("stage", f"unknown stage {spec.stage!r}; one of {sorted(STAGES)}")
     if not spec.search_space:
         raise InvalidArgument("search_space", "must name at least one parameter")
+    for field_name, items in (
+        ("search_space", spec.search_space),
+        ("objectives", spec.objectives),
+        ("constraints", spec.constraints),
+        ("warm_start.studies", spec.warm_start.studies),
+    ):
+        if len(items) > LIMITS[field_name]:
+            raise InvalidArgument(
+                field_name, f"has {len(items)} entries; the limit is {LIMITS[field_name]}"
+            )
     names: set[str] = set()
     for p in spec.search_space:
         if p.name in names:
