@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DIRECTIONS = ["minimize", "minimize", "minimize"]
+DIRECTIONS: list[Any] = ["minimize", "minimize", "minimize"]
 
 
 def _free_port() -> int:
