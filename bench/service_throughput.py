@@ -48,7 +48,9 @@ def _values(rng: random.Random) -> list[float]:
     return [rng.uniform(1, 5), rng.uniform(1, 10), rng.uniform(100, 800)]
 
 
-def _stagetune_worker(address: str, study: str, wid: int, ready: Any, out: Any) -> None:
+def _stagetune_worker(
+    address: str, study: str, wid: int, trial_seconds: float, ready: Any, out: Any
+) -> None:
     import grpc
 
     from stagetune.client import WorkerClient
@@ -66,6 +68,7 @@ def _stagetune_worker(address: str, study: str, wid: int, ready: Any, out: Any) 
             if isinstance(got, ws.NoTrial):
                 lat.pop()
                 break
+            time.sleep(trial_seconds)  # the trial "runs"
             v = _values(rng)
             metrics = {"eval_loss": v[0], "decode_latency_ms": v[1], "peak_memory_mb": v[2]}
             client.complete(got.trial.trial_id, f"bench-{wid}", metrics)
@@ -73,11 +76,20 @@ def _stagetune_worker(address: str, study: str, wid: int, ready: Any, out: Any) 
 
 
 def _optuna_worker(
-    storage_spec: tuple[str, Any], study: str, wid: int, left: Any, ready: Any, out: Any
+    storage_spec: tuple[str, Any],
+    study: str,
+    wid: int,
+    left: Any,
+    trial_seconds: float,
+    ready: Any,
+    out: Any,
 ) -> None:
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kind, where = storage_spec
     storage: Any
     if kind == "proxy":
@@ -98,6 +110,7 @@ def _optuna_worker(
         t = time.perf_counter()
         trial = s.ask(space)
         lat.append(time.perf_counter() - t)
+        time.sleep(trial_seconds)  # the trial "runs"
         s.tell(trial, _values(rng))
     out.put(lat)
 
@@ -121,7 +134,7 @@ def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]
     return time.perf_counter() - start, lat
 
 
-def bench_stagetune(tmp: Path, k: int, n: int) -> tuple[float, list[float]]:
+def bench_stagetune(tmp: Path, k: int, n: int, secs: float) -> tuple[float, list[float]]:
     import dataclasses
 
     from server.app import ServerSettings, make_server
@@ -134,12 +147,12 @@ def bench_stagetune(tmp: Path, k: int, n: int) -> tuple[float, list[float]]:
     try:
         with StudyClient(server.address) as sc:
             sc.create_study(spec)
-        return _run_workers(_stagetune_worker, lambda i, ctx: (server.address, "bench", i), k)
+        return _run_workers(_stagetune_worker, lambda i, ctx: (server.address, "bench", i, secs), k)
     finally:
         server.stop(0)
 
 
-def bench_optuna(tmp: Path, k: int, n: int, proxy: bool) -> tuple[float, list[float]]:
+def bench_optuna(tmp: Path, k: int, n: int, secs: float, proxy: bool) -> tuple[float, list[float]]:
     import optuna
     from optuna.storages._grpc.server import make_server
 
@@ -156,7 +169,7 @@ def bench_optuna(tmp: Path, k: int, n: int, proxy: bool) -> tuple[float, list[fl
     ctx = mp.get_context("spawn")
     left = ctx.Value("i", n)
     try:
-        return _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left), k)
+        return _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left, secs), k)
     finally:
         if server is not None:
             server.stop(0)
@@ -169,6 +182,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--trials", type=int, nargs="+", default=[100])
     parser.add_argument("--systems", nargs="+", default=["stagetune", "optuna-proxy", "optuna-rdb"])
+    parser.add_argument(
+        "--trial-seconds",
+        type=float,
+        default=0.0,
+        help="how long each trial 'runs' between acquire and complete (0: zero-cost trials, "
+        "a closed loop that saturates the service; >0: the load real trials put on it)",
+    )
     args = parser.parse_args()
     rows = []
     for n in args.trials:
@@ -176,9 +196,10 @@ def main() -> None:
             for system in args.systems:
                 with tempfile.TemporaryDirectory() as tmp:
                     if system == "stagetune":
-                        wall, lat = bench_stagetune(Path(tmp), k, n)
+                        wall, lat = bench_stagetune(Path(tmp), k, n, args.trial_seconds)
                     else:
-                        wall, lat = bench_optuna(Path(tmp), k, n, proxy=system == "optuna-proxy")
+                        proxy = system == "optuna-proxy"
+                        wall, lat = bench_optuna(Path(tmp), k, n, args.trial_seconds, proxy)
                 q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
                 row = (n, k, system, len(lat) / wall, q[49] * 1e3, q[98] * 1e3)
                 rows.append(row)

@@ -1,0 +1,117 @@
+"""The suggestion pool: acquires are served from suggestions computed ahead, the in-memory
+mirror learns every result, and a restarted server rebuilds it from the database."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from server.pool import SuggestionPool
+from stagetune.client import StudyClient, WorkerClient
+from stagetune.spec import BudgetSpec, StudySpec, value_from_proto
+from tests.conftest import objective_metrics, start_server
+
+
+def eventually(check: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def mirror_states(pool: SuggestionPool, study: str) -> dict[TrialState, int]:
+    mirror = pool._mirrors[study]
+    counts: dict[TrialState, int] = {}
+    for t in mirror.study.get_trials(deepcopy=False):
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
+def run_trials(address: str, study: str, n: int, worker: str = "w") -> list[int]:
+    ids = []
+    with WorkerClient(address, timeout=10, retries=0) as wc:
+        for i in range(n):
+            got = wc.acquire(worker, study_name=study)
+            tid = got.trial.trial_id
+            wc.complete(tid, worker, objective_metrics(1.0 + i, 2.0, 500.0 - i))
+            ids.append(tid)
+    return ids
+
+
+def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    srv = start_server(tmp_path, tracking_uri="")
+    pool = srv.service.policy.pool
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+    try:
+        with StudyClient(srv.address, retries=0) as sc:
+            sc.create_study(spec)
+        run_trials(srv.address, spec.name, 1)  # the first acquire builds the mirror
+        eventually(lambda: len(pool._ready(spec.name)) == pool.size)
+        misses = pool.misses
+        run_trials(srv.address, spec.name, 5)
+        assert pool.misses == misses  # every acquire was a pop: nothing waited
+        # The six results reach the mirror's sampler; the ready suggestions run there.
+        eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 6)
+        assert mirror_states(pool, spec.name)[TrialState.RUNNING] >= pool.size - 1
+        eventually(lambda: len(pool._ready(spec.name)) == pool.size)
+        next_up = pool._ready(spec.name)[0].params
+        with WorkerClient(srv.address, retries=0) as wc:
+            held = wc.acquire("holder", study_name=spec.name).trial
+        assert {k: value_from_proto(v) for k, v in held.params.items()} == next_up
+    finally:
+        srv.stop(grace=0)
+
+
+def test_a_restarted_server_rebuilds_the_mirror_from_the_database(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    db = f"sqlite:///{tmp_path / 'st.db'}"
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+    first = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
+    try:
+        with StudyClient(first.address, retries=0) as sc:
+            sc.create_study(spec)
+        run_trials(first.address, spec.name, 4)
+        with WorkerClient(first.address, retries=0) as wc:
+            wc.acquire("still-running", study_name=spec.name)
+    finally:
+        first.stop(grace=0)
+    second = start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+    try:
+        run_trials(second.address, spec.name, 1, worker="after-restart")
+        pool = second.service.policy.pool
+        # Rebuilt from the database: the four results and the trial still running
+        # (a constant-liar guess), then the new trial's result.
+        eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 5)
+        mirror = pool._mirrors[spec.name]
+        assert len(mirror.by_db) == 6
+    finally:
+        second.stop(grace=0)
+
+
+def test_trials_another_replica_created_make_the_mirror_rebuild(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    db = f"sqlite:///{tmp_path / 'st.db'}"
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(30, 0))
+    a = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
+    b = start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+    try:
+        with StudyClient(a.address, retries=0) as sc:
+            sc.create_study(spec)
+        run_trials(a.address, spec.name, 2)
+        pool = a.service.policy.pool
+        built = pool._mirrors[spec.name].generation
+        run_trials(b.address, spec.name, 3, worker="other-replica")
+        run_trials(a.address, spec.name, 1)  # a pop lets the refill loop notice
+        eventually(lambda: pool._mirrors[spec.name].generation > built)
+        eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 6)
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
