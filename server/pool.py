@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from server import storage as st
-from server.storage import StudyStore
+from server.storage import StudyStore, running_trial
 from stagetune.spec import ParamValue, StudySpec
 
 __all__ = ["SuggestionPool", "Suggestion"]
@@ -259,19 +259,8 @@ class SuggestionPool:
 
     def _copy(self, mirror: _Mirror, t: FrozenTrial) -> int:
         """Add a database trial to the mirror, with its state; returns the mirror id."""
-        running = FrozenTrial(
-            number=-1,
-            state=TrialState.RUNNING,
-            value=None,
-            values=None,
-            datetime_start=t.datetime_start,
-            datetime_complete=None,
-            params=dict(t.params),
-            distributions=dict(t.distributions),
-            user_attrs=_kept_attrs(t.user_attrs),
-            system_attrs=dict(t.system_attrs),
-            intermediate_values={},
-            trial_id=-1,
+        running = running_trial(
+            t.params, t.distributions, _kept_attrs(t.user_attrs), t.system_attrs, t.datetime_start
         )
         mirror_id = mirror.study._storage.create_new_trial(mirror.study._study_id, running)
         if t.state != TrialState.RUNNING:
@@ -279,21 +268,7 @@ class SuggestionPool:
         return mirror_id
 
     def _add_running(self, mirror: _Mirror, db_id: int, params: dict[str, ParamValue]) -> None:
-        dists = self._distributions_of(mirror.spec)
-        template = FrozenTrial(
-            number=-1,
-            state=TrialState.RUNNING,
-            value=None,
-            values=None,
-            datetime_start=None,
-            datetime_complete=None,
-            params=dict(params),
-            distributions={k: dists[k] for k in params if k in dists},
-            user_attrs={},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=-1,
-        )
+        template = running_trial(params, self._distributions_of(mirror.spec))
         storage = mirror.study._storage
         mirror.by_db[db_id] = storage.create_new_trial(mirror.study._study_id, template)
 

@@ -88,6 +88,32 @@ class Counts:
     budget_used: int  # first attempts created so far (retries excluded)
 
 
+def running_trial(
+    params: dict[str, Any],
+    distributions: dict[str, BaseDistribution],
+    user_attrs: dict[str, Any] | None = None,
+    system_attrs: dict[str, Any] | None = None,
+    start: datetime | None = None,
+    number: int = -1,
+    trial_id: int = -1,
+) -> FrozenTrial:
+    """A RUNNING Optuna trial with these params (a template, until number and id are set)."""
+    return FrozenTrial(
+        number=number,
+        state=TrialState.RUNNING,
+        value=None,
+        values=None,
+        datetime_start=start,
+        datetime_complete=None,
+        params=dict(params),
+        distributions={k: distributions[k] for k in params if k in distributions},
+        user_attrs=dict(user_attrs or {}),
+        system_attrs=dict(system_attrs or {}),
+        intermediate_values={},
+        trial_id=trial_id,
+    )
+
+
 def default_storage_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'stagetune.db').resolve()}"
 
@@ -455,19 +481,8 @@ class StudyStore:
             row.number = row.count_past_trials(session)
             number = int(row.number)
         self._trial_study[trial_id] = name
-        frozen = FrozenTrial(
-            number=number,
-            state=TrialState.RUNNING,
-            value=None,
-            values=None,
-            datetime_start=started,
-            datetime_complete=None,
-            params=dict(params),
-            distributions=dists,
-            user_attrs=user_attrs,
-            system_attrs=dict(system_attrs),
-            intermediate_values={},
-            trial_id=trial_id,
+        frozen = running_trial(
+            params, dists, user_attrs, system_attrs, started, number=number, trial_id=trial_id
         )
         return self._trial_record(name, frozen)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
+from server.app import StagetuneServer
 from server.pool import SuggestionPool
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.spec import BudgetSpec, StudySpec, value_from_proto
@@ -68,21 +69,30 @@ def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
         srv.stop(grace=0)
 
 
+def two_servers_on(
+    tmp_path: Path, lora_spec: StudySpec, trials: int
+) -> tuple[StudySpec, StagetuneServer, Callable[[], StagetuneServer]]:
+    """A study on a SQLite file, a first server that created it, and how to start another
+    server on the same file."""
+    db = f"sqlite:///{tmp_path / 'st.db'}"
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(trials, 0))
+    first = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
+    with StudyClient(first.address, retries=0) as sc:
+        sc.create_study(spec)
+    return spec, first, lambda: start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+
+
 def test_a_restarted_server_rebuilds_the_mirror_from_the_database(
     tmp_path: Path, lora_spec: StudySpec
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'st.db'}"
-    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
-    first = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
+    spec, first, start_second = two_servers_on(tmp_path, lora_spec, 20)
     try:
-        with StudyClient(first.address, retries=0) as sc:
-            sc.create_study(spec)
         run_trials(first.address, spec.name, 4)
         with WorkerClient(first.address, retries=0) as wc:
             wc.acquire("still-running", study_name=spec.name)
     finally:
         first.stop(grace=0)
-    second = start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+    second = start_second()
     try:
         run_trials(second.address, spec.name, 1, worker="after-restart")
         pool = second.service.policy.pool
@@ -98,13 +108,9 @@ def test_a_restarted_server_rebuilds_the_mirror_from_the_database(
 def test_trials_another_replica_created_make_the_mirror_rebuild(
     tmp_path: Path, lora_spec: StudySpec
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'st.db'}"
-    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(30, 0))
-    a = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
-    b = start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+    spec, a, start_second = two_servers_on(tmp_path, lora_spec, 30)
+    b = start_second()
     try:
-        with StudyClient(a.address, retries=0) as sc:
-            sc.create_study(spec)
         run_trials(a.address, spec.name, 2)
         pool = a.service.policy.pool
         built = pool._mirrors[spec.name].generation
