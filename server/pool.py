@@ -22,6 +22,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,12 +79,15 @@ class SuggestionPool:
         *,
         size: int = 8,
         wait_seconds: float = 10.0,
+        idle_seconds: float = 600.0,
     ) -> None:
         self._store = store
         self._make_sampler = make_sampler
         self._distributions_of = distributions_of
         self.size = size
         self._wait_seconds = wait_seconds
+        self._idle_seconds = idle_seconds  # a study not asked for this long: mirror dropped
+        self._last_pop: dict[str, float] = {}
         self._mirrors: dict[str, _Mirror] = {}
         self._generations = 0
         self._cond = threading.Condition()  # guards _mirrors and every mirror's ready queue
@@ -101,6 +105,7 @@ class SuggestionPool:
         """The next suggestion for the study; waits only when none is ready (a miss)."""
         with self._cond:
             self._wanted.add(spec.name)
+            self._last_pop[spec.name] = time.monotonic()
             mirror = self._mirrors.get(spec.name)
             if mirror is None or not mirror.ready:
                 self.misses += 1
@@ -156,6 +161,7 @@ class SuggestionPool:
                     return
             try:
                 self._drain_events()
+                self._drop_idle()
                 self._refill_one()
             except Exception:
                 _log.warning("suggestion pool pass failed; retrying", exc_info=True)
@@ -199,6 +205,16 @@ class SuggestionPool:
                     self._add_running(mirror, db_id, params)
             elif kind == "finished":
                 self._tell(mirror, payload[1])
+
+    def _drop_idle(self) -> None:
+        """Forget studies nobody asked for in ``idle_seconds`` (finished, stopped, or
+        between campaigns): their mirrors are rebuilt from the database if asked again."""
+        now = time.monotonic()
+        with self._cond:
+            for name in [n for n, t in self._last_pop.items() if now - t > self._idle_seconds]:
+                self._wanted.discard(name)
+                self._mirrors.pop(name, None)
+                del self._last_pop[name]
 
     def _refill_one(self) -> None:
         """Top up one study's pool by one suggestion (so events are never held up)."""

@@ -121,3 +121,22 @@ def test_trials_another_replica_created_make_the_mirror_rebuild(
     finally:
         a.stop(grace=0)
         b.stop(grace=0)
+
+
+def test_a_study_nobody_asks_for_is_forgotten_and_rebuilt_when_asked_again(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    srv = start_server(tmp_path, tracking_uri="")
+    pool = srv.service.policy.pool
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(10, 0))
+    try:
+        with StudyClient(srv.address, retries=0) as sc:
+            sc.create_study(spec)
+        run_trials(srv.address, spec.name, 2)
+        pool._idle_seconds = 0.3  # as if ten idle minutes had passed
+        eventually(lambda: spec.name not in pool._mirrors)
+        pool._idle_seconds = 600.0
+        run_trials(srv.address, spec.name, 1)
+        eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 3)
+    finally:
+        srv.stop(grace=0)
