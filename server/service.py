@@ -421,8 +421,13 @@ class StudyService:
         )
         self.store.set_hypervolume(spec.name, hv)
 
+        snapshot = {trial_id for trial_id, _ in rows}
+
         def load_trials() -> list[TrialRecord]:
-            return self._ranked(spec, self.store.trials(spec.name, ["complete"]))
+            # The trials complete *now*, read later on the tracker's thread: a trial that
+            # completes meanwhile is left to its own update (its child run may not exist yet).
+            complete = self.store.trials(spec.name, ["complete"])
+            return self._ranked(spec, [t for t in complete if t.trial_id in snapshot])
 
         self.tracker.front_changed(spec, load_trials, hv, len(rows))
 

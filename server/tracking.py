@@ -201,7 +201,9 @@ class MlflowTracker:
         self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
     ) -> None:
         def start() -> None:
-            on_run_id(self._start_child(spec, trial))
+            run_id = self._start_child(spec, trial)
+            self._children[trial.trial_id] = run_id
+            on_run_id(run_id)
 
         start.__name__ = "trial_started"
         self._submit(start)
