@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -156,14 +155,14 @@ class OptunaPolicy:
         trial: TrialRecord,
         values: Sequence[float],
         attrs: dict[str, Any],
-    ) -> datetime:
-        return self._tell(spec, trial, TrialState.COMPLETE, attrs, values)
+    ) -> None:
+        self._tell(spec, trial, TrialState.COMPLETE, attrs, values)
 
-    def tell_stopped(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> datetime:
-        return self._tell(spec, trial, TrialState.PRUNED, attrs)
+    def tell_stopped(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> None:
+        self._tell(spec, trial, TrialState.PRUNED, attrs)
 
-    def tell_failed(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> datetime:
-        return self._tell(spec, trial, TrialState.FAIL, attrs)
+    def tell_failed(self, spec: StudySpec, trial: TrialRecord, attrs: dict[str, Any]) -> None:
+        self._tell(spec, trial, TrialState.FAIL, attrs)
 
     def _tell(
         self,
@@ -172,13 +171,12 @@ class OptunaPolicy:
         state: TrialState,
         attrs: dict[str, Any],
         values: Sequence[float] | None = None,
-    ) -> datetime:
+    ) -> None:
         """Record the outcome with its attributes in the database (one transaction); the
         mirror's sampler learns it from there, constraint values included, in the
-        background. Returns the completion time."""
-        completed = self._store.finish_trial(trial.trial_id, state, values, attrs)
+        background."""
+        self._store.finish_trial(trial.trial_id, state, values, attrs)
         self.pool.finished(spec.name, trial.trial_id)
-        return completed
 
     @storage_errors
     def seed(self, spec: StudySpec, params: dict[str, ParamValue], source: str) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -60,12 +61,10 @@ class _Mirror:
     generation: int
     ready: collections.deque[Suggestion] = field(default_factory=collections.deque)
     by_db: dict[int, int] = field(default_factory=dict)  # database trial id -> mirror id
-    finished: set[int] = field(default_factory=set)  # database ids already told
 
 
 def _kept_attrs(user_attrs: dict[str, Any]) -> dict[str, Any]:
-    kept = {k: v for k, v in user_attrs.items() if k in _KEPT or k.startswith(st.RUNG_PREFIX)}
-    return kept
+    return {k: v for k, v in user_attrs.items() if k in _KEPT or k.startswith(st.RUNG_PREFIX)}
 
 
 class SuggestionPool:
@@ -264,46 +263,55 @@ class SuggestionPool:
             self._store._study_id(name), deepcopy=False
         )
         for t in db_trials:
-            if t.state == TrialState.WAITING:
-                continue
-            mirror.by_db[t._trial_id] = self._copy(mirror, t)
-            if t.state != TrialState.RUNNING:
-                mirror.finished.add(t._trial_id)
+            if t.state != TrialState.WAITING:
+                self._copy(mirror, t)
         with self._cond:
             self._mirrors[name] = mirror
         return mirror
 
-    def _copy(self, mirror: _Mirror, t: FrozenTrial) -> int:
-        """Add a database trial to the mirror, with its state; returns the mirror id."""
-        running = running_trial(
-            t.params, t.distributions, _kept_attrs(t.user_attrs), t.system_attrs, t.datetime_start
+    def _copy(self, mirror: _Mirror, t: FrozenTrial) -> None:
+        """Add database trial ``t`` to the mirror, with its state."""
+        mirror_id = self._add(
+            mirror, t._trial_id, t.params, t.distributions, t.system_attrs, t.datetime_start
         )
-        mirror_id = mirror.study._storage.create_new_trial(mirror.study._study_id, running)
         if t.state != TrialState.RUNNING:
             self._finish(mirror, mirror_id, t)
-        return mirror_id
 
     def _add_running(self, mirror: _Mirror, db_id: int, params: dict[str, ParamValue]) -> None:
-        template = running_trial(params, self._distributions_of(mirror.spec))
-        storage = mirror.study._storage
-        mirror.by_db[db_id] = storage.create_new_trial(mirror.study._study_id, template)
+        self._add(mirror, db_id, params, self._distributions_of(mirror.spec))
+
+    def _add(
+        self,
+        mirror: _Mirror,
+        db_id: int,
+        params: dict[str, Any],
+        distributions: dict[str, Any],
+        system_attrs: dict[str, Any] | None = None,
+        start: datetime | None = None,
+    ) -> int:
+        """A running mirror twin of database trial ``db_id``; returns its mirror id."""
+        template = running_trial(params, distributions, system_attrs=system_attrs, start=start)
+        mirror_id = mirror.study._storage.create_new_trial(mirror.study._study_id, template)
+        mirror.by_db[db_id] = mirror_id
+        return mirror_id
 
     def _tell(self, mirror: _Mirror, db_id: int) -> None:
-        if db_id in mirror.finished:
-            return
+        mirror_id = mirror.by_db.get(db_id)
+        storage = mirror.study._storage
+        if mirror_id is not None and storage.get_trial(mirror_id).state.is_finished():
+            return  # already told (the build read it finished)
         t = self._store.optuna_storage.get_trial(db_id)
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             return
-        mirror_id = mirror.by_db.get(db_id)
         if mirror_id is None:
-            mirror.by_db[db_id] = self._copy(mirror, t)
+            self._copy(mirror, t)
         else:
             self._finish(mirror, mirror_id, t)
-        mirror.finished.add(db_id)
 
     def _finish(self, mirror: _Mirror, mirror_id: int, t: FrozenTrial) -> None:
-        """Tell the mirror how database trial ``t`` ended, through its sampler (which
-        records constraint values, as it did for the database study)."""
+        """Tell the mirror how database trial ``t`` ended, with the attributes the
+        constraints read, through its sampler (which records constraint values, as it
+        did for the database study)."""
         storage = mirror.study._storage
         for key, value in _kept_attrs(t.user_attrs).items():
             storage.set_trial_user_attr(mirror_id, key, value)

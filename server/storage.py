@@ -271,6 +271,9 @@ class StudyStore:
         attrs = self.optuna_storage.get_study_user_attrs(self._study_id(name))
         if _SPEC not in attrs:
             raise NotFound(f"study {name!r} not found")
+        return self._head(attrs)
+
+    def _head(self, attrs: dict[str, Any]) -> StudyHead:
         ref = attrs.get(_REFERENCE)
         return StudyHead(
             self._spec(attrs[_SPEC]),
@@ -324,13 +327,7 @@ class StudyStore:
             attrs = s.user_attrs
             if _SPEC in attrs:
                 self._ids.setdefault(s.study_name, s._study_id)
-                ref = attrs.get(_REFERENCE)
-                head = StudyHead(
-                    self._spec(attrs[_SPEC]),
-                    attrs.get(_STATE, "running"),
-                    tuple(ref) if ref is not None else None,
-                )
-                heads.append((head, _ts(attrs.get(_CREATED)) or _now()))
+                heads.append((self._head(attrs), _ts(attrs.get(_CREATED)) or _now()))
         return heads
 
     @storage_errors
@@ -607,12 +604,10 @@ class StudyStore:
         state: TrialState,
         values: Sequence[float] | None = None,
         attrs: dict[str, Any] | None = None,
-    ) -> datetime:
+    ) -> None:
         """End a running trial: its attributes (metrics, reason, idempotency answer), final
-        values and state in one transaction, so a crash leaves all of it or none. Returns
-        the completion time stored."""
+        values and state in one transaction, so a crash leaves all of it or none."""
         rdb = self.optuna_storage
-        completed = _now()
         with _scoped_session(rdb.scoped_session) as session:
             row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
             rdb.check_trial_is_updatable(trial_id, row.state)  # type: ignore[arg-type]
@@ -623,8 +618,7 @@ class StudyStore:
             for objective, v in enumerate(values or ()):
                 rdb._set_trial_value_without_commit(session, row, objective, v)
             row.state = state
-            row.datetime_complete = completed
-        return completed
+            row.datetime_complete = _now()
 
     @storage_errors
     def annotate_trial(self, trial_id: int, attrs: dict[str, Any]) -> bool:

@@ -43,15 +43,25 @@ def run_trials(address: str, study: str, n: int, worker: str = "w") -> list[int]
     return ids
 
 
-def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
-    tmp_path: Path, lora_spec: StudySpec
-) -> None:
-    srv = start_server(tmp_path, tracking_uri="")
-    pool = srv.service.policy.pool
-    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+def server_with_study(path: Path, spec: StudySpec, **settings: object) -> StagetuneServer:
+    """A server (tracking off) on which ``spec`` has been created."""
+    srv = start_server(path, tracking_uri="", **settings)
     try:
         with StudyClient(srv.address, retries=0) as sc:
             sc.create_study(spec)
+    except BaseException:
+        srv.stop(grace=0)
+        raise
+    return srv
+
+
+def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+    srv = server_with_study(tmp_path, spec)
+    pool = srv.service.policy.pool
+    try:
         run_trials(srv.address, spec.name, 1)  # the first acquire builds the mirror
         eventually(lambda: len(pool._ready(spec.name)) == pool.size)
         misses = pool.misses
@@ -76,9 +86,7 @@ def two_servers_on(
     server on the same file."""
     db = f"sqlite:///{tmp_path / 'st.db'}"
     spec = dataclasses.replace(lora_spec, budget=BudgetSpec(trials, 0))
-    first = start_server(tmp_path / "a", storage_url=db, tracking_uri="")
-    with StudyClient(first.address, retries=0) as sc:
-        sc.create_study(spec)
+    first = server_with_study(tmp_path / "a", spec, storage_url=db)
     return spec, first, lambda: start_server(tmp_path / "b", storage_url=db, tracking_uri="")
 
 
@@ -126,12 +134,10 @@ def test_trials_another_replica_created_make_the_mirror_rebuild(
 def test_a_study_nobody_asks_for_is_forgotten_and_rebuilt_when_asked_again(
     tmp_path: Path, lora_spec: StudySpec
 ) -> None:
-    srv = start_server(tmp_path, tracking_uri="")
-    pool = srv.service.policy.pool
     spec = dataclasses.replace(lora_spec, budget=BudgetSpec(10, 0))
+    srv = server_with_study(tmp_path, spec)
+    pool = srv.service.policy.pool
     try:
-        with StudyClient(srv.address, retries=0) as sc:
-            sc.create_study(spec)
         run_trials(srv.address, spec.name, 2)
         pool._idle_seconds = 0.3  # as if ten idle minutes had passed
         eventually(lambda: spec.name not in pool._mirrors)
