@@ -326,8 +326,8 @@ class Tenancy:
         identity = self._restricted()
         if identity is None:
             return
-        trial = self._store.trial(trial_id)  # NotFound when there is no such trial
-        if not trial.study_name or self.owner(trial.study_name) != identity.team:
+        study = self._store.study_of(trial_id)  # NotFound when there is no such trial
+        if self.owner(study) != identity.team:
             raise NotFound(f"trial {trial_id} not found")
 
     def visible(self, records: Iterable[StudyRecord]) -> list[StudyRecord]:
