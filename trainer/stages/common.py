@@ -325,8 +325,10 @@ class Trial:
         if self.a.runner.get("save_model"):
             self._save(net, tokenizer)
         final["peak_memory_mb"] = peak_memory_mb()
-        final["wall_seconds"] = self.clock.seconds
-        final["device_seconds"] = self.clock.device_seconds
+        # One reading of the running clock, so the cost is exactly wall time x devices.
+        seconds = self.clock.seconds
+        final["wall_seconds"] = seconds
+        final["device_seconds"] = seconds * self.clock.devices
         final = {k: v for k, v in final.items() if math.isfinite(v) or k == "eval_loss"}
         return TrialResult("complete", metrics=final, rungs=callback.rungs)
 
