@@ -176,7 +176,7 @@ class OptunaPolicy:
         mirror's sampler learns it from there, constraint values included, in the
         background."""
         self._store.finish_trial(trial.trial_id, state, values, attrs)
-        self.pool.finished(spec.name, trial.trial_id)
+        self.pool.finished(spec.name, trial.trial_id, values, attrs)
 
     @storage_errors
     def seed(self, spec: StudySpec, params: dict[str, ParamValue], source: str) -> None:

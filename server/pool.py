@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -130,9 +130,18 @@ class SuggestionPool:
             self._in_flight[name] += 1
         self._event("started", (name, db_trial_id, params))
 
-    def finished(self, name: str, db_trial_id: int) -> None:
-        """A trial finished (complete, stopped or failed): the mirror reads it back."""
-        self._event("finished", (name, db_trial_id))
+    def finished(
+        self,
+        name: str,
+        db_trial_id: int,
+        values: Sequence[float] | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """A trial finished. A completed one comes with its ``values`` and the ``attrs``
+        written with them (its final metrics: all the constraints read), so the mirror
+        learns it without a read; a stopped or failed one is read back."""
+        outcome = (list(values), _kept_attrs(attrs or {})) if values is not None else None
+        self._event("finished", (name, db_trial_id, outcome))
 
     def close(self) -> None:
         with self._cond:
@@ -203,7 +212,7 @@ class SuggestionPool:
                 if db_id not in mirror.by_db:
                     self._add_running(mirror, db_id, params)
             elif kind == "finished":
-                self._tell(mirror, payload[1])
+                self._tell(mirror, payload[1], payload[2])
 
     def _drop_idle(self) -> None:
         """Forget studies nobody asked for in ``idle_seconds`` (finished, stopped, or
@@ -275,7 +284,7 @@ class SuggestionPool:
             mirror, t._trial_id, t.params, t.distributions, t.system_attrs, t.datetime_start
         )
         if t.state != TrialState.RUNNING:
-            self._finish(mirror, mirror_id, t)
+            self._finish(mirror, mirror_id, t.state, t.values, t.user_attrs)
 
     def _add_running(self, mirror: _Mirror, db_id: int, params: dict[str, ParamValue]) -> None:
         self._add(mirror, db_id, params, self._distributions_of(mirror.spec))
@@ -295,28 +304,43 @@ class SuggestionPool:
         mirror.by_db[db_id] = mirror_id
         return mirror_id
 
-    def _tell(self, mirror: _Mirror, db_id: int) -> None:
+    def _tell(
+        self,
+        mirror: _Mirror,
+        db_id: int,
+        completed: tuple[list[float], dict[str, Any]] | None,
+    ) -> None:
         mirror_id = mirror.by_db.get(db_id)
         storage = mirror.study._storage
         if mirror_id is not None and storage.get_trial(mirror_id).state.is_finished():
             return  # already told (the build read it finished)
+        if mirror_id is not None and completed is not None:
+            self._finish(mirror, mirror_id, TrialState.COMPLETE, *completed)
+            return
         t = self._store.optuna_storage.get_trial(db_id)
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             return
         if mirror_id is None:
             self._copy(mirror, t)
         else:
-            self._finish(mirror, mirror_id, t)
+            self._finish(mirror, mirror_id, t.state, t.values, t.user_attrs)
 
-    def _finish(self, mirror: _Mirror, mirror_id: int, t: FrozenTrial) -> None:
-        """Tell the mirror how database trial ``t`` ended, with the attributes the
+    def _finish(
+        self,
+        mirror: _Mirror,
+        mirror_id: int,
+        state: TrialState,
+        values: Sequence[float] | None,
+        user_attrs: dict[str, Any],
+    ) -> None:
+        """Tell the mirror how a database trial ended, with the attributes the
         constraints read, through its sampler (which records constraint values, as it
         did for the database study)."""
         storage = mirror.study._storage
-        for key, value in _kept_attrs(t.user_attrs).items():
+        for key, value in _kept_attrs(user_attrs).items():
             storage.set_trial_user_attr(mirror_id, key, value)
         number = storage.get_trial_number_from_id(mirror_id)
-        if t.state == TrialState.COMPLETE and t.values is not None:
-            mirror.study.tell(number, list(t.values))
+        if state == TrialState.COMPLETE and values is not None:
+            mirror.study.tell(number, list(values))
         else:
-            mirror.study.tell(number, state=t.state)
+            mirror.study.tell(number, state=state)
