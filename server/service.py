@@ -83,6 +83,15 @@ def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
             raise InvalidArgument(f"{where}.{key}", f"must be finite, got {value}")
 
 
+@dataclass
+class _FrontCache:
+    """A study's feasible COMPLETE objective values as this process last knew them."""
+
+    complete: int  # COMPLETE trials (feasible or not) the cache accounts for
+    values: dict[int, tuple[float, ...]]  # by trial id, feasible ones only
+    hypervolume: float | None = None  # as this process last stored it
+
+
 class StudyService:
     """Use cases of teams (studies) and workers (trials)."""
 
@@ -104,6 +113,7 @@ class StudyService:
         self._clock = clock
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        self._fronts: dict[str, _FrontCache] = {}  # by study name, read under its lock
 
     def close(self) -> None:
         """Stop background work (the suggestion pool); called once the server drained."""
@@ -396,16 +406,36 @@ class StudyService:
             self.policy.tell_complete(spec, trial, values, attrs)
             trial = self.store.trial(trial_id)  # as stored: a repeated call returns the same
             self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
-            self._update_front(study)
+            self._update_front(study, trial_id, None if violation else tuple(values))
         return trial
 
-    def _update_front(self, study: StudyHead) -> None:
+    def _front(self, name: str, trial_id: int, values: tuple[float, ...] | None) -> _FrontCache:
+        """The study's feasible COMPLETE values, just after trial ``trial_id`` completed
+        with ``values`` (None: infeasible). Called under the study's lock, once per
+        completion: when the database holds exactly one COMPLETE trial more than the
+        cache accounts for, that is this one and it is added; otherwise (first use, a
+        restart, another replica's completions) the values are read again."""
+        complete = self.store.count_complete(name)  # before the values: never undercount
+        front = self._fronts.get(name)
+        if front is not None and front.complete + 1 == complete:
+            front.complete = complete
+            if values is not None:
+                front.values[trial_id] = values
+            return front
+        front = _FrontCache(complete, dict(self.store.complete_values(name)))
+        self._fronts[name] = front
+        return front
+
+    def _update_front(
+        self, study: StudyHead, trial_id: int, completed: tuple[float, ...] | None
+    ) -> None:
         """Hypervolume of the study's front after a completion, from the objective values
         alone; the tracker reads the full trials itself, only if it needs them."""
         spec = study.spec
-        rows = self.store.complete_values(spec.name)
-        if not rows:
+        front = self._front(spec.name, trial_id, completed)
+        if not front.values:
             return
+        rows = sorted(front.values.items())
         values = [v for _, v in rows]
         reference = study.reference
         if reference is None:
@@ -419,7 +449,9 @@ class StudyService:
         hv = hypervolume(
             [v for v, r in zip(values, ranks, strict=True) if r == 1], reference, spec.directions
         )
-        self.store.set_hypervolume(spec.name, hv)
+        if hv != front.hypervolume:  # a dominated newcomer leaves it as it was
+            self.store.set_hypervolume(spec.name, hv)
+            front.hypervolume = hv
 
         snapshot = {trial_id for trial_id, _ in rows}
 

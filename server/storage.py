@@ -267,8 +267,14 @@ class StudyStore:
 
     @storage_errors
     def study_head(self, name: str) -> StudyHead:
-        """Spec, stored state and reference of a study, without reading its trials."""
-        attrs = self.optuna_storage.get_study_user_attrs(self._study_id(name))
+        """Spec, stored state and reference of a study, without reading its trials (or
+        its other attributes: one query for the three it needs)."""
+        sua = models.StudyUserAttributeModel
+        query = sqlalchemy.select(sua.key, sua.value_json).where(
+            sua.study_id == self._study_id(name), sua.key.in_([_SPEC, _STATE, _REFERENCE])
+        )
+        with self.optuna_storage.engine.connect() as conn:
+            attrs = {key: json.loads(value) for key, value in conn.execute(query)}
         if _SPEC not in attrs:
             raise NotFound(f"study {name!r} not found")
         return self._head(attrs)
@@ -374,6 +380,18 @@ class StudyStore:
         with self.optuna_storage.engine.connect() as conn:
             found = conn.execute(query).scalar_one_or_none()
         return None if found is None else int(found)
+
+    @storage_errors
+    def count_complete(self, name: str) -> int:
+        """How many trials of the study are COMPLETE (feasible or not)."""
+        t = models.TrialModel
+        query = (
+            sqlalchemy.select(sqlalchemy.func.count())
+            .select_from(t)
+            .where(t.study_id == self._study_id(name), t.state == TrialState.COMPLETE)
+        )
+        with self.optuna_storage.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
 
     @storage_errors
     def complete_values(self, name: str) -> list[tuple[int, tuple[float, ...]]]:

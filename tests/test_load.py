@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from objectives.pareto import hypervolume
 from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.spec import BudgetSpec, StudySpec
@@ -88,6 +89,13 @@ def check(
     assert sorted(t.number for t in trials) == list(range(n))
     assert all(t.state == pb.TRIAL_STATE_COMPLETE for t in trials)
     assert study.state == pb.STUDY_STATE_DONE and study.counts.running == 0
+    # The stored hypervolume (kept up to date one completion at a time, on each replica)
+    # is that of every trial's final values, whichever replica completed them.
+    reference = server.store.study_head(spec.name).reference
+    assert reference is not None
+    values = [[t.metrics[m] for m in spec.metric_names] for t in trials]
+    expected = hypervolume(values, reference, spec.directions)
+    assert study.hypervolume == pytest.approx(expected, rel=1e-9)
     p99 = statistics.quantiles(acquires, n=100)[98] * 1000
     print(f"\n{workers} workers, {n} trials: {n / seconds:.1f} trials/s, acquire p99 {p99:.0f} ms")
 
