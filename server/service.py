@@ -29,7 +29,7 @@ from server.tracking import NullTracker, Tracker
 from server.warmstart import dedupe, fit_to_space, stage_defaults
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagetune.redact import redact_text
-from stagetune.spec import ParamValue, StudySpec, validate_spec
+from stagetune.spec import MAX_MAGNITUDE, ParamValue, StudySpec, validate_spec
 
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
 
@@ -81,6 +81,10 @@ def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
             raise InvalidArgument(where, "metric names must be 1 to 128 characters")
         if not math.isfinite(value):
             raise InvalidArgument(f"{where}.{key}", f"must be finite, got {value}")
+        if abs(value) > MAX_MAGNITUDE:
+            raise InvalidArgument(
+                f"{where}.{key}", f"must lie within +-{MAX_MAGNITUDE:g}, got {value:g}"
+            )
 
 
 @dataclass

@@ -59,6 +59,8 @@ def test_a_different_spec_under_the_same_name_is_refused(
         ),
         (lambda m: setattr(m.objectives[0], "metric", "accuracy_of_vibes"), "objectives[0].metric"),
         (lambda m: m.runner.update({"model": {}}), "runner.model"),
+        # So large that the hypervolume would overflow to infinity.
+        (lambda m: setattr(m.objectives[0], "reference", 1e300), "objectives[0].reference"),
     ],
 )
 def test_a_bad_spec_is_invalid_argument_naming_the_field_and_writes_nothing(
@@ -87,6 +89,24 @@ def test_stopped_study_hands_out_no_trials(
     got = worker_client.acquire("w1")
     assert not got.HasField("trial") if hasattr(got, "trial") else True
     assert "no running study" in got.reason
+
+
+def test_a_result_too_large_for_the_front_is_refused_and_poisons_nothing(
+    study_client: StudyClient, worker_client: WorkerClient, lora_spec: StudySpec
+) -> None:
+    """The first completion fixes the study's hypervolume reference (twice its values):
+    one of 1.8e308 would make it infinite and every later completion fail."""
+    study_client.create_study(lora_spec)
+    a = worker_client.acquire("w1")
+    with pytest.raises(InvalidArgument) as err:
+        worker_client.complete(a.trial.trial_id, "w1", objective_metrics(1.797e308, 5.0, 100.0))
+    assert err.value.field == "metrics.eval_loss"
+    assert study_client.list_trials(lora_spec.name)[0].state == pb.TRIAL_STATE_RUNNING
+    done = worker_client.complete(a.trial.trial_id, "w1", objective_metrics(2.0, 5.0, 100.0))
+    assert done.state == pb.TRIAL_STATE_COMPLETE
+    b = worker_client.acquire("w1")
+    worker_client.complete(b.trial.trial_id, "w1", objective_metrics(1.0, 4.0, 90.0))
+    assert study_client.get_study(lora_spec.name).hypervolume > 0
 
 
 def test_pareto_front_lists_only_non_dominated_complete_trials(

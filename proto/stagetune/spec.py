@@ -57,6 +57,10 @@ __all__ = [
 ]
 
 MAX_SPEC_BYTES = 1 << 20
+# Largest magnitude of a metric value or an objective reference: hypervolumes (up to 8
+# objectives, references up to twice the first values) stay finite. No loss, latency,
+# memory or token count comes near it.
+MAX_MAGNITUDE = 1e18
 #: How many of each list a spec may hold: far above any real study, low enough that no
 #: spec makes the sampler, the front or a response blow up.
 LIMITS = {
@@ -603,6 +607,11 @@ def validate_spec(spec: StudySpec) -> None:
             raise InvalidArgument(f"objectives[{i}].direction", "must be minimize or maximize")
         if o.reference is not None:
             _finite(o.reference, f"objectives[{i}].reference")
+            if abs(o.reference) > MAX_MAGNITUDE:  # the hypervolume must stay finite
+                raise InvalidArgument(
+                    f"objectives[{i}].reference",
+                    f"must lie within +-{MAX_MAGNITUDE:g}, got {o.reference:g}",
+                )
     for i, source in enumerate(spec.warm_start.studies):
         if not _NAME.match(source):
             raise InvalidArgument(f"warm_start.studies[{i}]", f"{source!r} is not a study name")
