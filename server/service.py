@@ -436,12 +436,19 @@ class StudyService:
         """Hypervolume of the study's front after a completion, from the objective values
         alone; the tracker reads the full trials itself, only if it needs them."""
         spec = study.spec
-        front = self._front(spec.name, trial_id, completed)
+        # Replicas sharing PostgreSQL update the front one at a time: the last to write
+        # has counted every completion committed before it.
+        with self.store.exclusive(spec.name):
+            self._write_front(study, self._front(spec.name, trial_id, completed))
+
+    def _write_front(self, study: StudyHead, front: _FrontCache) -> None:
+        spec = study.spec
         if not front.values:
             return
         rows = sorted(front.values.items())
         values = [v for _, v in rows]
-        reference = study.reference
+        # Frozen once set; if not set when the caller read it, another replica may have.
+        reference = study.reference or self.store.study_head(spec.name).reference
         if reference is None:
             derived = default_reference(values[0], spec.directions)
             reference = tuple(
