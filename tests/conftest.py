@@ -31,6 +31,14 @@ def _postgres_admin_url() -> str | None:
         return None
 
 
+@pytest.fixture(autouse=True)
+def _no_credentials_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients read a token and TLS files from the environment: a runner that exports
+    them must not change what the tests see (tests that need them set their own)."""
+    for name in ("STAGETUNE_TOKEN", "STAGETUNE_TLS_CA", "STAGETUNE_TLS_CERT", "STAGETUNE_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_admin() -> str:
     url = _postgres_admin_url()

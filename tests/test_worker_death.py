@@ -68,7 +68,7 @@ def test_a_sigkilled_worker_is_reaped_and_retried_once(
                     trial = next(t for t in sc.list_trials(spec.name) if t.trial_id == trial_id)
                     if trial.state == pb.TRIAL_STATE_FAILED:
                         break
-                    assert time.monotonic() - killed < LEASE + REAPER + 3.0, "not reaped"
+                    assert time.monotonic() - killed < LEASE + REAPER + 15.0, "not reaped"
                     time.sleep(0.1)
                 assert "lease expired" in trial.reason and trial.attempt == attempt
                 if params is None:
