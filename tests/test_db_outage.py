@@ -23,35 +23,37 @@ from tests.conftest import objective_metrics, start_server
 OUTAGE = 10.0
 
 
+def _drop(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
 class CuttableProxy:
-    """Forwards 127.0.0.1:<port> to PostgreSQL; ``cut`` drops every connection and
-    refuses new ones until ``restore``."""
+    """Forwards 127.0.0.1:<port> to PostgreSQL; ``cut`` drops every connection and drops
+    new ones as soon as they arrive, until ``restore``. The listener stays bound
+    throughout, so nothing else can take its port during the outage."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.port = 0
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.restore()
+        self._cut = False
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        self.port = listener.getsockname()[1]
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        with self._lock:
+            self._cut = False
 
     def cut(self) -> None:
         with self._lock:
-            assert self._listener is not None
-            self._listener.close()
+            self._cut = True
             for c in self._conns:
-                with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
-                c.close()
+                _drop(c)
             self._conns.clear()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -60,9 +62,22 @@ class CuttableProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
             with self._lock:
-                self._conns += [client, upstream]
+                if self._cut:
+                    _drop(client)
+                    continue
+                self._conns.append(client)  # before dialing: a cut from now on drops it
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                _drop(client)
+                continue
+            with self._lock:
+                if self._cut:  # cut while dialing
+                    _drop(client)
+                    _drop(upstream)
+                    continue
+                self._conns.append(upstream)
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
