@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from server.records import StudyRecord
 from server.service import Acquired, NoWork, StudyService
 from server.storage import StudyStore, storage_errors
@@ -46,7 +44,7 @@ from stagetune.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from stagetune.spec import StudySpec
+from stagetune.spec import StudySpec, read_yaml_file
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import worker_service_pb2 as ws
 
@@ -68,7 +66,6 @@ Role = Literal["member", "worker", "admin"]
 ROLES: tuple[Role, ...] = ("member", "worker", "admin")
 METADATA_KEY = "authorization"
 TEAM_ATTR = "st_team"  # study user attribute: the owning team
-MAX_TOKEN_FILE_BYTES = 1 << 20
 MIN_TOKEN_LENGTH = 16
 
 STUDY_SERVICE = ss.DESCRIPTOR.services_by_name["StudyService"].full_name
@@ -223,24 +220,14 @@ def parse_tokens(data: Any) -> TokenTable:
 def load_token_file(path: str | Path) -> TokenTable:
     """Read and validate a token file. Errors are one ``InvalidArgument`` naming the file
     and the field, never a value from the file."""
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_TOKEN_FILE_BYTES:
-            raise InvalidArgument("", f"auth file {p}: {size} bytes; the limit is 1 MiB")
-        text = p.read_text()
-    except OSError as e:
-        raise InvalidArgument("", f"auth file {p}: cannot read: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise InvalidArgument("", f"auth file {p}: not valid YAML{at}") from None
+        data = read_yaml_file(path, quote=False)
+    except InvalidArgument as e:
+        raise InvalidArgument("", f"auth file {path}: {e.problem}") from None
     try:
         return parse_tokens(data)
     except InvalidArgument as e:
-        raise InvalidArgument("", f"auth file {p}: {e.message}") from None
+        raise InvalidArgument("", f"auth file {path}: {e.message}") from None
 
 
 # ------------------------------------------------------------------ identity of the call

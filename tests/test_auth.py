@@ -24,7 +24,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import StagetuneServer, banner
-from server.auth import parse_tokens
+from server.auth import load_token_file, parse_tokens
 from stagetune.client import StudyClient, WorkerClient
 from stagetune.errors import (
     AlreadyExists,
@@ -291,6 +291,26 @@ def test_a_bad_token_file_names_the_field(entries: list[dict[str, str]], field: 
         parse_tokens({"tokens": entries})
     assert err.value.field == field
     assert ALICE not in err.value.message and BOB not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (f"tokens: [{{name: x, token: {ALICE}\n", "not valid YAML (line"),  # unclosed
+        (f"a: &t {ALICE}\ntokens: [{{name: x, team: a, role: member, token: *t}}]\n", "aliases"),
+        ("tokens: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+        ("#" * (1 << 20) + "\n", "the limit is"),
+    ],
+)
+def test_a_token_file_is_read_strictly_and_never_quoted(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument) as err:
+        load_token_file(path)
+    assert says in err.value.message and str(path) in err.value.message
+    assert ALICE not in err.value.message
 
 
 def test_serve_with_a_bad_auth_file_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "BudgetSpec",
     "StudySpec",
     "MAX_SPEC_BYTES",
+    "read_yaml_file",
     "LIMITS",
     "load_spec_file",
     "spec_from_mapping",
@@ -218,32 +219,46 @@ class StudySpec:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """The safe loader (no Python tags) that also refuses anchors and aliases: a study
-    config never needs them, and nested aliases ("billion laughs") expand exponentially
-    once the spec is copied or serialised."""
+    """The safe loader (no Python tags) that also refuses anchors and aliases: a config
+    never needs them, and nested aliases ("billion laughs") expand exponentially once the
+    data is copied or serialised."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.constructor.ConstructorError(
-                None, None, "aliases (*name) are not allowed in a study config", event.start_mark
+                None, None, "aliases (*name) are not allowed in a config", event.start_mark
             )
         return super().compose_node(parent, index)
 
 
-def load_spec_file(path: str | Path) -> StudySpec:
-    """Read a study config file (YAML), then build and validate the spec."""
+def read_yaml_file(path: str | Path, *, quote: bool = True) -> Any:
+    """A YAML config file's data, read with the strict safe loader once its size is checked
+    (at most ``MAX_SPEC_BYTES``). Errors: ``InvalidArgument`` naming the file; with
+    ``quote=False`` (a file of secrets) they give only the line, never the file's text."""
     p = Path(path)
     try:
         size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise InvalidArgument(str(path), f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")
+        text = p.read_text()
     except OSError as e:
         raise InvalidArgument(str(path), f"cannot read: {e.strerror}") from None
-    if size > MAX_SPEC_BYTES:
-        raise InvalidArgument(str(path), f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")
     try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 (safe, no aliases)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (safe, no aliases)
     except yaml.YAMLError as e:
-        raise InvalidArgument(str(path), f"not valid YAML: {e}") from None
+        if quote:
+            raise InvalidArgument(str(path), f"not valid YAML: {e}") from None
+        # The parser's own words and the line, without the excerpt of the file.
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None)
+        raise InvalidArgument(str(path), f"not valid YAML{at}: {problem or 'unreadable'}") from None
+
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read a study config file (YAML), then build and validate the spec."""
+    data = read_yaml_file(path)
     if not isinstance(data, Mapping):
         raise InvalidArgument(str(path), "must be a mapping of study fields")
     spec = spec_from_mapping(data)
