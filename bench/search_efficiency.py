@@ -302,6 +302,40 @@ def _iqr(values: Sequence[float]) -> str:
     return f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties sharing their mean rank (what Spearman's correlation needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, tie = np.unique(x, return_inverse=True)
+    return (np.bincount(tie, ranks) / np.bincount(tie))[tie]
+
+
+def signal(table: Table) -> str:
+    """How much each objective tells early about its final value: Spearman correlation of
+    its value at the first rung with its final value over the completed runs, and how far
+    its final values spread (an objective the space cannot move is noise)."""
+    first = table.spec.fidelity.rungs()[0]
+    done = [r for r in table.rows if r.final is not None]
+    parts = []
+    for i, name in enumerate(table.spec.metric_names):
+        finals = np.array([r.final[i] for r in done if r.final is not None])
+        distinct = len(np.unique(finals))
+        spread = f"final {finals.min():.4g} to {finals.max():.4g}, {distinct} distinct"
+        early = [
+            (r.rungs[first][name], r.final[i])
+            for r in done
+            if r.final is not None and name in r.rungs.get(first, {})
+        ]
+        if len(early) < 3:
+            parts.append(f"{name}: not reported at step {first}; {spread}")
+            continue
+        a, b = (np.array(col, dtype=float) for col in zip(*early, strict=True))
+        rho = float(np.corrcoef(_ranks(a), _ranks(b))[0, 1]) if a.std() and b.std() else math.nan
+        parts.append(f"{name}: step {first} vs final Spearman {rho:.2f}; {spread}")
+    return "Signal in the table: " + "; ".join(parts) + "."
+
+
 def summarise(
     tables: dict[str, Table], curves: dict[tuple[str, str, str], np.ndarray], traces: Any
 ) -> tuple[str, list[str]]:
@@ -323,6 +357,8 @@ def summarise(
             f"{table.spec.fidelity.reduction_factor:g}); budget {budgets}. A run stopped at "
             f"step {first} costs {early:.0%} of a full run in device-s, "
             f"{first / table.spec.fidelity.max_steps:.0%} in steps (median over the table).",
+            "",
+            signal(table),
             "",
             "| method | final HV (median [IQR]) | trials | stopped | "
             + " | ".join(f"to 95% NSGA-II ({u})" for u in UNITS)
