@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from stagetune.spec import MAX_MAGNITUDE
+
 __all__ = ["Reporter", "NullReporter", "GrpcReporter", "RungCallback"]
 
 
@@ -110,7 +112,8 @@ class RungCallback(TrainerCallback):
         if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
             return control
         if "eval_loss" in values and math.isfinite(values["eval_loss"]):
-            values["perplexity"] = math.exp(min(values["eval_loss"], 50.0))
+            # Capped where the server's bound on metric values lies (exp(41.4) = 1e18).
+            values["perplexity"] = math.exp(min(values["eval_loss"], math.log(MAX_MAGNITUDE)))
         if self.extra is not None:
             values.update(self.extra())
         self.rungs.append({"step": step, "metrics": values})
