@@ -388,10 +388,12 @@ class StudyService:
             trial = self.store.trial(trial_id)
             repeated = bool(request_id) and self._repeat(trial_id, request_id, payload) is not None
             if repeated and trial.state != "running":
+                self._refresh_front(trial)
                 return trial
             # (repeated and still running: the server died half-way through; finish it now.)
             if trial.state == "complete" and trial.worker_id == worker_id:
                 if trial.metrics == metrics:
+                    self._refresh_front(trial)
                     return trial  # a retry of a call that already took effect
                 raise FailedPrecondition(f"trial {trial_id} already completed with other metrics")
             study, trial = self._held(trial_id, worker_id, trial)
@@ -412,6 +414,13 @@ class StudyService:
             self.tracker.trial_finished(spec, trial, spec.fidelity.max_steps)
             self._update_front(study, trial_id, None if violation else tuple(values))
         return trial
+
+    def _refresh_front(self, trial: TrialRecord) -> None:
+        """A retried completion: the first call may have failed after storing the result
+        but before the front was updated. Read the front again (only retries pay)."""
+        if trial.state in ("complete", "infeasible"):
+            self._fronts.pop(trial.study_name, None)
+            self._update_front(self.store.study_head(trial.study_name), trial.trial_id, None)
 
     def _front(self, name: str, trial_id: int, values: tuple[float, ...] | None) -> _FrontCache:
         """The study's feasible COMPLETE values, just after trial ``trial_id`` completed
@@ -449,6 +458,8 @@ class StudyService:
         values = [v for _, v in rows]
         # Frozen once set; if not set when the caller read it, another replica may have.
         reference = study.reference or self.store.study_head(spec.name).reference
+        if reference is not None and not all(map(math.isfinite, reference)):
+            reference = None  # stored before values were bounded: derive a usable one
         if reference is None:
             derived = default_reference(values[0], spec.directions)
             reference = tuple(

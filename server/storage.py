@@ -125,7 +125,11 @@ def storage_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,  # no free connection in the pool: busy, not broken
+        ) as e:
             _log.warning("storage unavailable in %s: %s", fn.__name__, e)
             raise Unavailable("storage unavailable; retry later") from None
         except optuna.exceptions.StorageInternalError as e:
@@ -177,7 +181,11 @@ class StudyStore:
         self.url = url
         try:
             self.optuna_storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,  # no free connection in the pool: busy, not broken
+        ) as e:
             raise Unavailable(
                 f"cannot open storage: {e.orig if hasattr(e, 'orig') else e}"
             ) from None

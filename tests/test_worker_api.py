@@ -9,7 +9,7 @@ import pytest
 
 from server.app import StagetuneServer
 from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
+from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from stagetune.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import objective_metrics
@@ -219,6 +219,28 @@ def test_a_retried_failure_with_its_request_id_requeues_once(
     _, again = worker_client.fail(tid, "w1", "interrupted", "node drained", request_id="f-1")
     assert requeued and again
     assert study_client.get_study(study.name).counts.waiting == 1  # queued once, not twice
+
+
+def test_a_completion_that_failed_after_storing_its_result_updates_the_front_on_retry(
+    server: StagetuneServer, lora_spec: StudySpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with StudyClient(server.address) as sc, WorkerClient(server.address, retries=0) as wc:
+        sc.create_study(lora_spec)
+        tid = wc.acquire("w1").trial.trial_id
+        metrics = objective_metrics(2.0, 3.0, 500.0)
+
+        def lost(*args: object) -> int:
+            raise Unavailable("storage unavailable; retry later")  # as storage_errors says it
+
+        # The result is stored, then the database goes away before the front is updated.
+        with monkeypatch.context() as m:
+            m.setattr(server.store, "count_complete", lost)
+            with pytest.raises(Unavailable):
+                wc.complete(tid, "w1", metrics, request_id="c-1")
+        assert sc.get_study(lora_spec.name).hypervolume == 0.0
+        trial = wc.complete(tid, "w1", metrics, request_id="c-1")  # the worker's retry
+        assert trial.state == pb.TRIAL_STATE_COMPLETE
+        assert sc.get_study(lora_spec.name).hypervolume > 0.0
 
 
 def test_a_completion_half_written_before_a_crash_is_finished_by_its_retry(
