@@ -102,6 +102,22 @@ def test_run_lora_reports_each_rung_and_measures_every_objective(tmp_path: Path)
     assert 0.0 <= m["exact_match"] <= 1.0
 
 
+def test_a_diverged_run_reports_a_perplexity_the_server_accepts() -> None:
+    from types import SimpleNamespace
+
+    from stagetune.spec import MAX_MAGNITUDE
+    from trainer.rungs import RungCallback
+
+    reporter = NullReporter()
+    callback = RungCallback([2], reporter)
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True)
+    control = SimpleNamespace(should_training_stop=False)
+    callback.on_evaluate(None, state, control, metrics={"eval_loss": 120.0})
+    ((step, sent),) = reporter.calls
+    assert step == 2 and sent["eval_loss"] == 120.0
+    assert sent["perplexity"] == MAX_MAGNITUDE  # exp(120) would be refused as out of range
+
+
 class _StopAtFirstRung(NullReporter):
     def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
         super().report(step, metrics)

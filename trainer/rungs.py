@@ -112,8 +112,9 @@ class RungCallback(TrainerCallback):
         if step not in self.rung_steps or any(r["step"] == step for r in self.rungs):
             return control
         if "eval_loss" in values and math.isfinite(values["eval_loss"]):
-            # Capped where the server's bound on metric values lies (exp(41.4) = 1e18).
-            values["perplexity"] = math.exp(min(values["eval_loss"], math.log(MAX_MAGNITUDE)))
+            # A diverged run's perplexity is capped at the server's bound on metric values.
+            perplexity = math.exp(min(values["eval_loss"], 50.0))
+            values["perplexity"] = min(perplexity, MAX_MAGNITUDE)
         if self.extra is not None:
             values.update(self.extra())
         self.rungs.append({"step": step, "metrics": values})
