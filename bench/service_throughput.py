@@ -147,7 +147,12 @@ def bench_stagetune(tmp: Path, k: int, n: int, secs: float) -> tuple[float, list
     try:
         with StudyClient(server.address) as sc:
             sc.create_study(spec)
-        return _run_workers(_stagetune_worker, lambda i, ctx: (server.address, "bench", i, secs), k)
+        result = _run_workers(
+            _stagetune_worker, lambda i, ctx: (server.address, "bench", i, secs), k
+        )
+        misses = server.service.policy.pool.misses
+        print(f"stagetune: {misses} acquire(s) found no ready suggestion and waited", flush=True)
+        return result
     finally:
         server.stop(0)
 
