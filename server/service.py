@@ -29,7 +29,7 @@ from server.tracking import NullTracker, Tracker
 from server.warmstart import dedupe, fit_to_space, stage_defaults
 from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound
 from stagetune.redact import redact_text
-from stagetune.spec import MAX_MAGNITUDE, ParamValue, StudySpec, validate_spec
+from stagetune.spec import ParamValue, StudySpec, check_bounded, check_count, validate_spec
 
 __all__ = ["StudyService", "Acquired", "NoWork", "ParetoView", "FailureKindName"]
 
@@ -74,17 +74,11 @@ MAX_METRICS = 256  # per report: names are stored with every trial
 
 
 def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
-    if len(metrics) > MAX_METRICS:
-        raise InvalidArgument(where, f"has {len(metrics)} entries; the limit is {MAX_METRICS}")
+    check_count(len(metrics), MAX_METRICS, where)
     for key, value in metrics.items():
         if not key or len(key) > 128:
             raise InvalidArgument(where, "metric names must be 1 to 128 characters")
-        if not math.isfinite(value):
-            raise InvalidArgument(f"{where}.{key}", f"must be finite, got {value}")
-        if abs(value) > MAX_MAGNITUDE:
-            raise InvalidArgument(
-                f"{where}.{key}", f"must lie within +-{MAX_MAGNITUDE:g}, got {value:g}"
-            )
+        check_bounded(value, f"{where}.{key}")
 
 
 @dataclass

@@ -47,6 +47,8 @@ __all__ = [
     "StudySpec",
     "MAX_SPEC_BYTES",
     "read_yaml_file",
+    "check_bounded",
+    "check_count",
     "LIMITS",
     "load_spec_file",
     "spec_from_mapping",
@@ -501,6 +503,19 @@ def _finite(value: float, where: str) -> None:
         raise InvalidArgument(where, f"must be finite, got {value}")
 
 
+def check_bounded(value: float, where: str) -> None:
+    """A metric value or objective reference: finite and within +-``MAX_MAGNITUDE``."""
+    _finite(value, where)
+    if abs(value) > MAX_MAGNITUDE:
+        raise InvalidArgument(where, f"must lie within +-{MAX_MAGNITUDE:g}, got {value:g}")
+
+
+def check_count(n: int, limit: int, where: str) -> None:
+    """A list of ``n`` entries where at most ``limit`` are allowed."""
+    if n > limit:
+        raise InvalidArgument(where, f"has {n} entries; the limit is {limit}")
+
+
 def _of_kind(value: Any, kind: str) -> bool:
     """Whether ``value`` is a value of a knob of this kind (an int is a float, a bool is
     not a number)."""
@@ -551,11 +566,7 @@ def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
     else:
         if not p.choices:
             raise InvalidArgument(f"{where}.choices", "must not be empty")
-        if len(p.choices) > LIMITS["choices"]:
-            raise InvalidArgument(
-                f"{where}.choices",
-                f"has {len(p.choices)} entries; the limit is {LIMITS['choices']}",
-            )
+        check_count(len(p.choices), LIMITS["choices"], f"{where}.choices")
         seen: set[tuple[str, ParamValue]] = set()
         for i, c in enumerate(p.choices):
             key = (type(c).__name__, c)
@@ -601,10 +612,7 @@ def validate_spec(spec: StudySpec) -> None:
         ("constraints", spec.constraints),
         ("warm_start.studies", spec.warm_start.studies),
     ):
-        if len(items) > LIMITS[field_name]:
-            raise InvalidArgument(
-                field_name, f"has {len(items)} entries; the limit is {LIMITS[field_name]}"
-            )
+        check_count(len(items), LIMITS[field_name], field_name)
     names: set[str] = set()
     for p in spec.search_space:
         if p.name in names:
@@ -628,13 +636,8 @@ def validate_spec(spec: StudySpec) -> None:
         metrics.add(o.metric)
         if o.direction not in ("minimize", "maximize"):
             raise InvalidArgument(f"objectives[{i}].direction", "must be minimize or maximize")
-        if o.reference is not None:
-            _finite(o.reference, f"objectives[{i}].reference")
-            if abs(o.reference) > MAX_MAGNITUDE:  # the hypervolume must stay finite
-                raise InvalidArgument(
-                    f"objectives[{i}].reference",
-                    f"must lie within +-{MAX_MAGNITUDE:g}, got {o.reference:g}",
-                )
+        if o.reference is not None:  # bounded: the hypervolume must stay finite
+            check_bounded(o.reference, f"objectives[{i}].reference")
     for i, source in enumerate(spec.warm_start.studies):
         if not _NAME.match(source):
             raise InvalidArgument(f"warm_start.studies[{i}]", f"{source!r} is not a study name")
