@@ -179,10 +179,10 @@ class SuggestionPool:
     def _has_work(self) -> bool:
         if not self._events.empty():
             return True
-        return any(
-            name not in self._mirrors or len(self._mirrors[name].ready) < self.size
-            for name in self._wanted
-        )
+        return any(self._needs_refill(name) for name in self._wanted)
+
+    def _needs_refill(self, name: str) -> bool:
+        return len(self._ready(name)) < self.size  # no mirror yet: nothing ready
 
     def _drain_events(self) -> None:
         while True:
@@ -227,11 +227,7 @@ class SuggestionPool:
     def _refill_one(self) -> None:
         """Top up one study's pool by one suggestion (so events are never held up)."""
         with self._cond:
-            names = [
-                n
-                for n in self._wanted
-                if n not in self._mirrors or len(self._mirrors[n].ready) < self.size
-            ]
+            names = [n for n in self._wanted if self._needs_refill(n)]
         if not names:
             return
         name = min(names, key=lambda n: len(self._ready(n)))

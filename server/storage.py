@@ -118,6 +118,14 @@ def default_storage_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'stagetune.db').resolve()}"
 
 
+# What a database that is down, unreachable or out of free connections raises.
+_OUTAGES = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # no free connection in the pool: busy, not broken
+)
+
+
 def storage_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Turn database outages into ``Unavailable``, so clients retry instead of giving up."""
 
@@ -125,11 +133,7 @@ def storage_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(*args, **kwargs)
-        except (
-            sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.InterfaceError,
-            sqlalchemy.exc.TimeoutError,  # no free connection in the pool: busy, not broken
-        ) as e:
+        except _OUTAGES as e:
             _log.warning("storage unavailable in %s: %s", fn.__name__, e)
             raise Unavailable("storage unavailable; retry later") from None
         except optuna.exceptions.StorageInternalError as e:
@@ -181,11 +185,7 @@ class StudyStore:
         self.url = url
         try:
             self.optuna_storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        except (
-            sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.InterfaceError,
-            sqlalchemy.exc.TimeoutError,  # no free connection in the pool: busy, not broken
-        ) as e:
+        except _OUTAGES as e:
             raise Unavailable(
                 f"cannot open storage: {e.orig if hasattr(e, 'orig') else e}"
             ) from None
