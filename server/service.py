@@ -270,9 +270,11 @@ class StudyService:
     def _record_run_id(self, trial_id: int, run_id: str) -> None:
         # Runs on the tracker thread once MLflow has made the run; the acquire did not wait.
         # A trial that finished first keeps no run id: its run is found by its
-        # stagetune.trial_id tag.
+        # stagetune.trial_id tag. Under the study's lock: a completion under way finishes
+        # first, so its answer (and any retry's) never gains a run id half-way.
         if run_id:
-            self.store.annotate_trial(trial_id, {st.RUN_ID: run_id})
+            with self._lock(self.store.study_of(trial_id)):
+                self.store.annotate_trial(trial_id, {st.RUN_ID: run_id})
 
     def _acquired(self, spec: StudySpec, trial: TrialRecord) -> Acquired:
         return Acquired(trial, spec, spec.fidelity.rungs(), self.lease_seconds)

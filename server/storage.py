@@ -615,9 +615,13 @@ class StudyStore:
 
     @storage_errors
     def set_trial_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-        """Write the attributes in one transaction (all or none)."""
+        """Write the attributes in one transaction (all or none). A finished trial is
+        frozen, as in Optuna: ``UpdateFinishedTrialError``, nothing written. The trial's
+        row is locked first (PostgreSQL), so a finish by another replica cannot land
+        between the check and the write."""
         rdb = self.optuna_storage
         with _scoped_session(rdb.scoped_session) as session:
+            models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
             for key, value in attrs.items():
                 rdb._set_trial_attr_without_commit(
                     session, models.TrialUserAttributeModel, trial_id, key, value

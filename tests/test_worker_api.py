@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -219,6 +220,29 @@ def test_a_retried_failure_with_its_request_id_requeues_once(
     _, again = worker_client.fail(tid, "w1", "interrupted", "node drained", request_id="f-1")
     assert requeued and again
     assert study_client.get_study(study.name).counts.waiting == 1  # queued once, not twice
+
+
+def test_a_run_id_from_mlflow_waits_for_a_completion_under_way(
+    server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    """MLflow may answer with the trial's run id while the trial is completing: the run id
+    waits for the study's lock and then finds the trial finished and frozen, so the
+    completion's answer and its retry's stay the same."""
+    service = server.service
+    with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
+        sc.create_study(lora_spec)
+        tid = wc.acquire("w1").trial.trial_id
+        metrics = objective_metrics(2.0, 3.0, 500.0)
+        with service._lock(lora_spec.name):  # a completion under way holds it
+            late = threading.Thread(target=service._record_run_id, args=(tid, "late"))
+            late.start()
+            late.join(0.5)
+            assert late.is_alive()  # the run id waits
+            done = service.complete(tid, "w1", metrics, request_id="c-1")
+        late.join(10)
+        assert done.mlflow_run_id == ""
+        again = wc.complete(tid, "w1", metrics, request_id="c-1")
+        assert again.mlflow_run_id == "" and again.state == pb.TRIAL_STATE_COMPLETE
 
 
 def test_a_completion_that_failed_after_storing_its_result_updates_the_front_on_retry(
