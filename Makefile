@@ -26,7 +26,7 @@ demo: setup  ## a small real LoRA study on CPU: server + 2 workers + MLflow, ~5 
 test: setup  ## lint, type-check and the full test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	PYTHONPATH=proto:server:trainer:objectives $(BIN)/lint-imports --no-logo
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra
 

@@ -52,7 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "proto")]
 
-from stagetune.spec import (  # noqa: E402
+from stagetune.contract.spec import (  # noqa: E402
     CategoricalParam,
     FloatParam,
     IntParam,
@@ -117,8 +117,8 @@ def configurations(
 
 def _child(stage: str, assignment: Any, out: str) -> None:
     """Run one trial in a forked child and write its outcome as JSON to ``out``."""
-    from trainer.run_trial import _runner
-    from trainer.rungs import NullReporter
+    from stagetune.trainer.run_trial import _runner
+    from stagetune.trainer.rungs import NullReporter
 
     quiet = os.open(os.devnull, os.O_WRONLY)  # the Trainer's own logging: keep progress clear
     os.dup2(quiet, 1)
@@ -148,7 +148,7 @@ def record_one(
     spec: StudySpec, params: dict[str, ParamValue], rungs: list[int], work: Path, seed: int
 ) -> dict[str, Any]:
     """Train one configuration in a forked child; its table row."""
-    from trainer.assignment import Assignment
+    from stagetune.trainer.assignment import Assignment
 
     work.mkdir(parents=True, exist_ok=True)
     a = Assignment(
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = {(r["stage"], r["key"]) for r in load_table(args.out)}
     print(f"{args.out}: {len(done)} rows already recorded", flush=True)
 
-    from trainer.run_trial import _runner
+    from stagetune.trainer.run_trial import _runner
 
     for stage in args.stages:  # the heavy imports, once, before the first fork
         _runner(stage)

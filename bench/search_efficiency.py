@@ -69,11 +69,7 @@ from optuna.distributions import BaseDistribution  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from record_curves import DEFAULT_OUT, load_table  # noqa: E402
 
-from objectives.catalog import Direction  # noqa: E402
-from objectives.pareto import hypervolume  # noqa: E402
-from server.asha import rung_decision  # noqa: E402
-from server.policy import distributions_of, make_sampler  # noqa: E402
-from stagetune.spec import (  # noqa: E402
+from stagetune.contract.spec import (  # noqa: E402
     BudgetSpec,
     CategoricalParam,
     ParamValue,
@@ -81,6 +77,10 @@ from stagetune.spec import (  # noqa: E402
     StudySpec,
     load_spec_file,
 )
+from stagetune.objectives.catalog import Direction  # noqa: E402
+from stagetune.objectives.pareto import hypervolume  # noqa: E402
+from stagetune.server.asha import rung_decision  # noqa: E402
+from stagetune.server.policy import distributions_of, make_sampler  # noqa: E402
 
 METHODS = ("stagetune", "motpe", "nsga2", "random", "asha_weighted")
 UNITS = ("device-s", "steps")

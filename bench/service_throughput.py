@@ -53,7 +53,7 @@ def _stagetune_worker(
 ) -> None:
     import grpc
 
-    from stagetune.client import WorkerClient
+    from stagetune.contract.client import WorkerClient
     from stagetune.v1 import worker_service_pb2 as ws
 
     rng = random.Random(wid)
@@ -137,9 +137,9 @@ def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]
 def bench_stagetune(tmp: Path, k: int, n: int, secs: float) -> tuple[float, list[float]]:
     import dataclasses
 
-    from server.app import ServerSettings, make_server
-    from stagetune.client import StudyClient
-    from stagetune.spec import BudgetSpec, load_spec_file
+    from stagetune.contract.client import StudyClient
+    from stagetune.contract.spec import BudgetSpec, load_spec_file
+    from stagetune.server.app import ServerSettings, make_server
 
     spec = load_spec_file(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
     spec = dataclasses.replace(spec, name="bench", budget=BudgetSpec(n, 0))

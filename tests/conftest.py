@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from server.app import ServerSettings, StagetuneServer, make_server
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import StudySpec, load_spec_file
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.spec import StudySpec, load_spec_file
+from stagetune.server.app import ServerSettings, StagetuneServer, make_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,10 +33,12 @@ def _postgres_admin_url() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _no_credentials_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clients read a token and TLS files from the environment: a runner that exports
-    them must not change what the tests see (tests that need them set their own)."""
-    for name in ("STAGETUNE_TOKEN", "STAGETUNE_TLS_CA", "STAGETUNE_TLS_CERT", "STAGETUNE_TLS_KEY"):
-        monkeypatch.delenv(name, raising=False)
+    """The CLI and clients read a token, TLS files, addresses and URLs from
+    ``STAGETUNE_*``: a runner that exports them must not change what the tests see (tests
+    that need them set their own)."""
+    for name in list(os.environ):
+        if name.startswith("STAGETUNE_") and name != "STAGETUNE_TEST_POSTGRES":
+            monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.asha import rung_decision
+from stagetune.server.asha import rung_decision
 
 MIN2 = ["minimize", "minimize"]
 

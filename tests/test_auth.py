@@ -23,10 +23,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import StagetuneServer, banner
-from server.auth import load_token_file, parse_tokens
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import (
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
@@ -34,13 +32,15 @@ from stagetune.errors import (
     Unauthenticated,
     Unavailable,
 )
-from stagetune.spec import StudySpec, WarmStartSpec
+from stagetune.contract.spec import StudySpec, WarmStartSpec
+from stagetune.server.app import StagetuneServer, banner
+from stagetune.server.auth import load_token_file, parse_tokens
+from stagetune.trainer.worker import WorkerSettings
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from tests.conftest import objective_metrics, start_server
-from trainer.worker import WorkerSettings
 
 ALICE = "alice-tok-PLANTED-0001"  # team a, member
 BOB = "bob-tok-PLANTED-0002"  # team b, member

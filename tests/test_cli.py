@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.app import StagetuneServer
-from stagetune.client import WorkerClient
+from stagetune.contract.client import WorkerClient
+from stagetune.server.app import StagetuneServer
 from tests.conftest import REPO, objective_metrics
 
 

@@ -12,12 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from server import storage as st
-from server.app import StagetuneServer
-from server.policy import constraint_values
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import InvalidArgument
-from stagetune.spec import (
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec import (
     BudgetSpec,
     ConstraintSpec,
     StudySpec,
@@ -26,6 +23,9 @@ from stagetune.spec import (
     spec_to_proto,
     validate_spec,
 )
+from stagetune.server import storage as st
+from stagetune.server.app import StagetuneServer
+from stagetune.server.policy import constraint_values
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 
@@ -115,7 +115,7 @@ def report(wc: WorkerClient, worker: str, loss: float, memory: float) -> tuple[i
 def test_a_trial_over_a_limit_is_stopped_at_its_first_rung_and_marked_infeasible(
     worker_client: WorkerClient, study_client: StudyClient, constrained: StudySpec
 ) -> None:
-    from stagetune.cli import render_status
+    from stagetune.cli.render import render_status
 
     hog, d = report(worker_client, "w1", 1.0, 900.0)  # the best loss, far over the limit
     assert d.stop and d.reason == (

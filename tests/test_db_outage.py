@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import Unavailable
-from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import Unavailable
+from stagetune.contract.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import objective_metrics, start_server
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from stagetune.trainer.worker import launch_command, uses_deepspeed
 from tests.test_stages import assignment, run_launched
-from trainer.worker import launch_command, uses_deepspeed
 
 
 def test_a_deepspeed_trial_is_not_launched_with_accelerates_cpu_flag(tmp_path: Path) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient
-from stagetune.spec import BudgetSpec, FidelitySpec, StudySpec
+from stagetune.contract.client import StudyClient
+from stagetune.contract.spec import BudgetSpec, FidelitySpec, StudySpec
+from stagetune.server.app import StagetuneServer
+from stagetune.trainer.worker import Worker, WorkerSettings
 from stagetune.v1 import types_pb2 as pb
-from trainer.worker import Worker, WorkerSettings
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient
-from stagetune.spec import load_spec_file
+from stagetune.contract.client import StudyClient
+from stagetune.contract.spec import load_spec_file
+from stagetune.server.app import StagetuneServer
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 from tests.test_e2e_lora import tiny_spec, worker

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import FailedPrecondition
-from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import FailedPrecondition
+from stagetune.contract.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
 
 
@@ -75,7 +75,7 @@ def test_with_early_stopping_off_every_trial_continues(
 def test_status_shows_why_a_trial_was_stopped(
     worker_client: WorkerClient, study_client: StudyClient, asha_spec: StudySpec
 ) -> None:
-    from stagetune.cli import render_status
+    from stagetune.cli.render import render_status
 
     _report(worker_client, "w1", 8, 2.0, 500.0)
     _report(worker_client, "w2", 8, 3.0, 600.0)

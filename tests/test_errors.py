@@ -8,9 +8,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from server.interceptor import ErrorInterceptor
-from stagetune import errors
-from stagetune.client import StudyClient
+from stagetune.contract import errors
+from stagetune.contract.client import StudyClient
+from stagetune.server.interceptor import ErrorInterceptor
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 
 DOMAIN_ERRORS = [

@@ -13,16 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import FailedPrecondition, InvalidArgument
-from stagetune.spec import MAX_MAGNITUDE, spec_to_proto
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import FailedPrecondition, InvalidArgument
+from stagetune.contract.spec import MAX_MAGNITUDE, spec_to_proto
+from stagetune.server.app import StagetuneServer
+from stagetune.trainer.worker import trial_folder
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 from tests.test_cli import stagetune
-from trainer.worker import trial_folder
 
 BOMB = """name: bomb
 stage: lora
@@ -68,7 +68,7 @@ _names = hs.one_of(hs.text(max_size=80), hs.sampled_from(["ok", "../x", "", "a" 
 
 @hs.composite
 def _fuzzed_spec(draw: hs.DrawFn) -> pb.StudySpec:
-    from stagetune.spec import load_spec_file
+    from stagetune.contract.spec import load_spec_file
 
     msg = spec_to_proto(
         load_spec_file(REPO / "configs" / draw(hs.sampled_from(["lora", "dpo"])).__add__(".yaml"))
@@ -144,7 +144,7 @@ def test_fuzzed_results_never_complete_a_trial_with_bad_values(
 ) -> None:
     import dataclasses
 
-    from stagetune.spec import BudgetSpec, load_spec_file
+    from stagetune.contract.spec import BudgetSpec, load_spec_file
 
     spec = dataclasses.replace(
         load_spec_file(REPO / "configs" / "lora.yaml"),
@@ -189,7 +189,7 @@ def test_oversized_lists_are_refused_naming_the_field(
 ) -> None:
     import dataclasses
 
-    from stagetune.spec import FloatParam, load_spec_file
+    from stagetune.contract.spec import FloatParam, load_spec_file
 
     spec = dataclasses.replace(load_spec_file(REPO / "configs" / "lora.yaml"), name="huge")
     many = tuple(FloatParam(f"p{i}", 0.0, 1.0) for i in range(65))

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from objectives.pareto import hypervolume
-from server.app import StagetuneServer
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.spec import BudgetSpec, StudySpec
+from stagetune.objectives.pareto import hypervolume
+from stagetune.server.app import StagetuneServer
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 

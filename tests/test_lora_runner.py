@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from stagetune.trainer.assignment import Assignment
+from stagetune.trainer.rungs import NullReporter
+from stagetune.trainer.tasks import answer_of, load_sft_dataset, synthetic_sft
+from stagetune.trainer.tiny_model import build_tiny_model, ensure_model
 from tests.conftest import SHARED_DATA
 from tests.test_stages import TINY, assignment, run_launched
-from trainer.assignment import Assignment
-from trainer.rungs import NullReporter
-from trainer.tasks import answer_of, load_sft_dataset, synthetic_sft
-from trainer.tiny_model import build_tiny_model, ensure_model
 
 
 def test_tiny_model_is_built_once_and_loads_with_from_pretrained(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def _assignment(tmp_path: Path) -> Assignment:
 
 
 def test_run_lora_reports_each_rung_and_measures_every_objective(tmp_path: Path) -> None:
-    from trainer.stages.lora import run_lora
+    from stagetune.trainer.stages.lora import run_lora
 
     reporter = NullReporter()
     result = run_lora(_assignment(tmp_path), reporter)
@@ -105,8 +105,8 @@ def test_run_lora_reports_each_rung_and_measures_every_objective(tmp_path: Path)
 def test_a_diverged_run_reports_a_perplexity_the_server_accepts() -> None:
     from types import SimpleNamespace
 
-    from stagetune.spec import MAX_MAGNITUDE
-    from trainer.rungs import RungCallback
+    from stagetune.contract.spec import MAX_MAGNITUDE
+    from stagetune.trainer.rungs import RungCallback
 
     reporter = NullReporter()
     callback = RungCallback([2], reporter)
@@ -125,7 +125,7 @@ class _StopAtFirstRung(NullReporter):
 
 
 def test_a_stop_decision_ends_training_at_that_rung(tmp_path: Path) -> None:
-    from trainer.stages.lora import run_lora
+    from stagetune.trainer.stages.lora import run_lora
 
     reporter = _StopAtFirstRung()
     result = run_lora(_assignment(tmp_path), reporter)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from objectives import (
+from stagetune.objectives.measure import (
     FIXED_PROMPTS,
     DeviceClock,
     measure_decode_latency,
@@ -36,7 +36,7 @@ def test_cpu_peak_memory_is_positive_and_grows_with_a_400_mb_buffer() -> None:
         """
         import json, sys
         import numpy as np
-        from objectives import peak_memory_mb, reset_peak_memory
+        from stagetune.objectives.measure import peak_memory_mb, reset_peak_memory
         before = peak_memory_mb()
         reset_peak_memory()  # a no-op on CPU: the peak cannot be lowered
         buffer = np.ones(400 * 2**20 // 8)  # 400 MiB, every page written

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from objectives import (
+from stagetune.objectives.catalog import Direction
+from stagetune.objectives.pareto import (
     crowding_distance,
     default_reference,
     dominates,
@@ -17,7 +18,6 @@ from objectives import (
     knee_point,
     non_dominated_ranks,
 )
-from objectives.catalog import Direction
 
 MIN2: list[Direction] = ["minimize", "minimize"]
 MAX2: list[Direction] = ["maximize", "maximize"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from server.app import StagetuneServer
-from server.pool import SuggestionPool
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import BudgetSpec, StudySpec, value_from_proto
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.spec import BudgetSpec, StudySpec, value_from_proto
+from stagetune.server.app import StagetuneServer
+from stagetune.server.pool import SuggestionPool
 from tests.conftest import objective_metrics, start_server
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import Unavailable
-from stagetune.spec import BudgetSpec, load_spec_file
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import Unavailable
+from stagetune.contract.spec import BudgetSpec, load_spec_file
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 from tests.conftest import REPO, objective_metrics

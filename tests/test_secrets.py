@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.redact import redact, redact_text
-from stagetune.spec import load_spec_file
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.redact import redact, redact_text
+from stagetune.contract.spec import load_spec_file
 from tests.conftest import REPO
 
 PASSWORD = "PLANTED-pw-7731"

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.app import StagetuneServer
+from stagetune.server.app import StagetuneServer
 
 
 def test_health_reports_serving_for_each_service(tracked_server: StagetuneServer) -> None:

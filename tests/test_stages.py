@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient
-from stagetune.errors import InvalidArgument
-from stagetune.spec import load_spec_file, spec_from_mapping, spec_to_proto, validate_spec
-from stagetune.stages import STAGES
+from stagetune.contract.client import StudyClient
+from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec import load_spec_file, spec_from_mapping, spec_to_proto, validate_spec
+from stagetune.contract.stages import STAGES
+from stagetune.server.app import StagetuneServer
+from stagetune.trainer.assignment import Assignment
+from stagetune.trainer.rungs import NullReporter
+from stagetune.trainer.tasks import split_shared_prompt
 from tests.conftest import REPO, SHARED_DATA
-from trainer.assignment import Assignment
-from trainer.rungs import NullReporter
-from trainer.tasks import split_shared_prompt
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
 QUALITY = {
@@ -160,8 +160,8 @@ def run_launched(a: Assignment, processes: int, timeout: float) -> Any:
     import os
     import subprocess
 
-    from trainer.assignment import TrialResult
-    from trainer.worker import launch_command, uses_deepspeed
+    from stagetune.trainer.assignment import TrialResult
+    from stagetune.trainer.worker import launch_command, uses_deepspeed
 
     path = Path(a.result_path).parent / "assignment.json"
     Path(a.output_dir).mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def run_launched(a: Assignment, processes: int, timeout: float) -> Any:
 
 
 def run(a: Assignment) -> Any:
-    from trainer.run_trial import _runner
+    from stagetune.trainer.run_trial import _runner
 
     runner = _runner(a.stage)
     assert runner is not None
@@ -283,8 +283,8 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
 ) -> None:
     import datasets
 
-    from stagetune.datafiles import columns_of
-    from trainer.tasks import load_sft_dataset
+    from stagetune.contract.datafiles import columns_of
+    from stagetune.trainer.tasks import load_sft_dataset
 
     rows = [{"q": f"What is {i} plus 1?", "a": str(i + 1), "noise": i} for i in range(20)]
     table = datasets.Dataset.from_list(rows)

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import AlreadyExists, InvalidArgument, NotFound
-from stagetune.spec import BudgetSpec, FloatParam, StudySpec, spec_to_proto
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import AlreadyExists, InvalidArgument, NotFound
+from stagetune.contract.spec import BudgetSpec, FloatParam, StudySpec, spec_to_proto
+from stagetune.server.app import StagetuneServer
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import objective_metrics
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.spec import StudySpec
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.spec import StudySpec
+from stagetune.server.app import StagetuneServer
 from tests.conftest import objective_metrics, start_server
 
 

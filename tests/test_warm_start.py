@@ -7,18 +7,18 @@ import dataclasses
 
 import pytest
 
-from server.warmstart import DEFAULTS_FILE, fit_to_space, stage_defaults
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import InvalidArgument
-from stagetune.spec import BudgetSpec, StudySpec, WarmStartSpec, load_spec_file
-from stagetune.stages import STAGES
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec import BudgetSpec, StudySpec, WarmStartSpec, load_spec_file
+from stagetune.contract.stages import STAGES
+from stagetune.server.warmstart import fit_to_space, stage_defaults
 from tests.conftest import REPO, objective_metrics
 
 
 def test_every_stage_has_defaults_that_fit_its_own_config() -> None:
     for stage in STAGES:
         spec = load_spec_file(REPO / "configs" / f"{stage}.yaml")
-        defaults = stage_defaults(stage, DEFAULTS_FILE)
+        defaults = stage_defaults(stage)
         assert defaults, stage
         for point in defaults:
             assert set(point) <= set(STAGES[stage].params), (stage, point)
@@ -87,7 +87,7 @@ def test_a_bad_source_study_is_refused_and_creates_nothing(
 
 
 def test_a_study_cannot_seed_itself(lora_spec: StudySpec) -> None:
-    from stagetune.spec import validate_spec
+    from stagetune.contract.spec import validate_spec
 
     spec = dataclasses.replace(lora_spec, warm_start=WarmStartSpec(studies=(lora_spec.name,)))
     with pytest.raises(InvalidArgument, match=r"warm_start.studies\[0\]"):

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from server.app import StagetuneServer
-from stagetune.client import StudyClient, WorkerClient
-from stagetune.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from stagetune.contract.spec import BudgetSpec, StudySpec
+from stagetune.server.app import StagetuneServer
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import objective_metrics
 
@@ -270,8 +270,8 @@ def test_a_completion_that_failed_after_storing_its_result_updates_the_front_on_
 def test_a_completion_half_written_before_a_crash_is_finished_by_its_retry(
     server: StagetuneServer, lora_spec: StudySpec
 ) -> None:
-    from server import storage as st
-    from server.service import _fingerprint
+    from stagetune.server import storage as st
+    from stagetune.server.service import _fingerprint
 
     with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
         sc.create_study(lora_spec)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stagetune.client import StudyClient
-from stagetune.spec import BudgetSpec, StudySpec
+from stagetune.contract.client import StudyClient
+from stagetune.contract.spec import BudgetSpec, StudySpec
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import start_server
 
@@ -23,7 +23,7 @@ LEASE, REAPER = 2.0, 0.5
 
 DOOMED = """
 import sys, time
-from stagetune.client import WorkerClient
+from stagetune.contract.client import WorkerClient
 wc = WorkerClient(sys.argv[1])
 a = wc.acquire(sys.argv[2])
 if sys.argv[3] == "report":

@@ -1,0 +1,308 @@
+"""The ``stagetune`` command line: serve, submit, worker, status, pareto, configs, health, demo.
+
+Heavy imports live inside each command, so ``stagetune --help`` and the CLI's own commands
+start fast and the ``status``/``pareto`` commands never import torch. Errors print one line
+naming the problem (and the field, for a bad config) and exit with status 2.
+
+Client commands take ``--token`` (else ``$STAGETUNE_TOKEN``; prefer the variable: a flag
+shows in ``ps``) and ``--tls-ca``/``--tls-cert``/``--tls-key`` (else ``$STAGETUNE_TLS_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stagetune.cli.render import STUDY_STATE, render_pareto, render_status
+from stagetune.contract.client import DEFAULT_ADDRESS, StudyClient, health_check
+from stagetune.contract.errors import InvalidArgument, StagetuneError
+from stagetune.contract.packaged import example_configs, packaged_example
+from stagetune.contract.redact import RedactingFilter
+from stagetune.contract.spec import load_spec_file
+
+__all__ = ["main"]
+
+# ------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stagetune.server.app import ServerSettings, run_server
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir),
+        storage_url=args.storage,
+        tracking_uri=args.tracking_uri,
+        lease_seconds=args.lease_seconds,
+        auth_file=Path(args.auth_file) if args.auth_file else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+    )
+    return run_server(settings)
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """Client keyword arguments from the connection flags (None: from the environment)."""
+    return {
+        "token": args.token,
+        "ca_cert": args.tls_ca,
+        "client_cert": args.tls_cert,
+        "client_key": args.tls_key,
+    }
+
+
+def _study_client(args: argparse.Namespace) -> StudyClient:
+    return StudyClient(args.server, **_connection(args))
+
+
+# ------------------------------------------------------------------ submit
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = load_spec_file(args.config)
+    if args.name:
+        spec = dataclasses.replace(spec, name=args.name)
+    with _study_client(args) as client:
+        study, created = client.create_study(spec)
+    if created:
+        print(f"created study {spec.name} ({spec.stage}, {spec.budget.max_trials} trials)")
+    else:
+        print(f"study {spec.name} already exists with this spec; nothing changed")
+    if study.mlflow_run_id:
+        print(f"  MLflow experiment {study.mlflow_experiment_id}, run {study.mlflow_run_id}")
+    return 0
+
+
+# ------------------------------------------------------------------ worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stagetune.trainer.worker import Worker, WorkerSettings
+
+    settings = WorkerSettings(
+        server=args.server,
+        study_name=args.study or "",
+        max_trials=args.max_trials,
+        processes=args.processes,
+        gpus=args.gpus,
+        threads_per_trial=args.threads,
+        work_dir=Path(args.work_dir),
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    if args.worker_id:
+        settings.worker_id = args.worker_id
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+# ------------------------------------------------------------------ status / pareto
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _study_client(args) as client:
+        print(render_status(client, args.study))
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    with _study_client(args) as client:
+        print(render_pareto(client.pareto_front(args.study), args.format))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with _study_client(args) as client:
+        study = client.stop_study(args.study)
+    print(f"study {args.study}: {STUDY_STATE.get(study.state, '?')}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    if not args.name:
+        for name in example_configs():
+            print(name)
+        return 0
+    example = packaged_example(args.name)
+    if example is None:
+        known = ", ".join(example_configs())
+        raise InvalidArgument("name", f"no packaged config {args.name!r}; there are: {known}")
+    dest = Path(args.dest or f"{args.name.removesuffix('.yaml')}.yaml")
+    if dest.is_dir():
+        dest = dest / example.name
+    if dest.exists():
+        raise InvalidArgument("dest", f"{dest} exists; nothing was written")
+    dest.write_bytes(example.read_bytes())
+    print(f"wrote {dest}; edit it, then: stagetune submit {dest}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    serving = health_check(
+        args.server,
+        timeout=args.timeout,
+        ca_cert=args.tls_ca,
+        client_cert=args.tls_cert,
+        client_key=args.tls_key,
+    )
+    print(f"{args.server}: {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if serving else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stagetune.cli.demo import run_demo
+
+    return run_demo(Path(args.dir), args.config, workers=args.workers, trials=args.trials)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """A flag's default from ``STAGETUNE_<NAME>``: passwords in a storage URL stay out of
+    pod specs and process lists (a flag shows in ``ps``)."""
+    value = os.environ.get(f"STAGETUNE_{name}", "").strip()
+    return value or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stagetune", description="Tune every stage of an LLM's life."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_server(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--server",
+            default=_env("SERVER", DEFAULT_ADDRESS),
+            help="server address, host:port (env STAGETUNE_SERVER)",
+        )
+        p.add_argument("--token", help="bearer token (default: $STAGETUNE_TOKEN)")
+        p.add_argument("--tls-ca", help="CA bundle (PEM) to verify the server: turns TLS on")
+        p.add_argument("--tls-cert", help="client certificate (PEM) for mTLS; TLS on")
+        p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+        return p
+
+    p = sub.add_parser("serve", help="run the optimisation service")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="env STAGETUNE_HOST")
+    p.add_argument("--port", type=int, default=_env("PORT", "50051"), help="env STAGETUNE_PORT")
+    p.add_argument(
+        "--data-dir",
+        default=_env("DATA_DIR", "stagetune-data"),
+        help="default storage/MLflow folder (env STAGETUNE_DATA_DIR)",
+    )
+    p.add_argument(
+        "--storage",
+        default=_env("STORAGE"),
+        help="SQLAlchemy URL (default: SQLite in --data-dir; env STAGETUNE_STORAGE)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=_env("TRACKING_URI"),
+        help="MLflow tracking URI (default: SQLite in --data-dir; env STAGETUNE_TRACKING_URI)",
+    )
+    p.add_argument("--lease-seconds", type=float, default=120.0, help="trial lease length")
+    p.add_argument(
+        "--auth-file",
+        default=_env("AUTH_FILE"),
+        help="token file (YAML): require tokens, roles and teams (env STAGETUNE_AUTH_FILE)",
+    )
+    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS only")
+    p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-client-ca", help="CA (PEM): require client certificates it signed")
+    p.set_defaults(fn=cmd_serve)
+
+    p = with_server(sub.add_parser("submit", help="create a study from a YAML config"))
+    p.add_argument("config", help="study config file, or a packaged example's name (lora)")
+    p.add_argument("--name", help="override the study name in the config")
+    p.set_defaults(fn=cmd_submit)
+
+    p = with_server(sub.add_parser("worker", help="poll the server and run trials"))
+    p.add_argument("--study", help="only run trials of this study; exit when it is finished")
+    p.add_argument("--max-trials", type=int, help="exit after this many trials")
+    p.add_argument("--processes", type=int, default=1, help="accelerate processes per trial")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per trial (0 = CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads per trial process")
+    p.add_argument(
+        "--worker-id",
+        default=_env("WORKER_ID"),
+        help="stable worker identity (default: host-pid; env STAGETUNE_WORKER_ID)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=_env("WORK_DIR", "stagetune-data/work"),
+        help="trial scratch folder (env STAGETUNE_WORK_DIR)",
+    )
+    p.set_defaults(fn=cmd_worker)
+
+    p = with_server(sub.add_parser("status", help="studies, or one study's trials"))
+    p.add_argument("study", nargs="?")
+    p.set_defaults(fn=cmd_status)
+
+    p = with_server(sub.add_parser("pareto", help="print a study's Pareto front"))
+    p.add_argument("study")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(fn=cmd_pareto)
+
+    p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
+    p.add_argument("study")
+    p.set_defaults(fn=cmd_stop)
+
+    p = sub.add_parser("configs", help="list the packaged example configs, or copy one out")
+    p.add_argument("name", nargs="?", help="the example to copy (see the list)")
+    p.add_argument("dest", nargs="?", help="where to write it (default: NAME.yaml here)")
+    p.set_defaults(fn=cmd_configs)
+
+    p = sub.add_parser("health", help="check that a server answers (exit 0 serving, 1 not)")
+    p.add_argument(
+        "--server",
+        default=_env("SERVER", DEFAULT_ADDRESS),
+        help="server address, host:port (env STAGETUNE_SERVER)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.add_argument("--tls-ca", help="CA bundle (PEM) to verify the server: turns TLS on")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mTLS; TLS on")
+    p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    p.set_defaults(fn=cmd_health)
+
+    p = sub.add_parser("demo", help="run a small real study on CPU, end to end")
+    p.add_argument("--dir", default="stagetune-demo", help="working folder (recreated)")
+    p.add_argument("--config", default="lora", help="study config file or packaged name")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--trials", type=int, help="override the config's max_trials")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())  # no secret reaches a log line
+    try:
+        return int(args.fn(args))
+    except StagetuneError as e:
+        print(f"stagetune {args.command}: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Multi-objective asynchronous successive halving, in its stopping form (MO-ASHA).
+
+At each rung a trial is ranked against every trial that reported at the same rung, by
+non-dominated sorting of the objective vectors measured so far, ties within a front broken
+by crowding distance (Schmucker et al. 2021, "Multi-objective asynchronous successive
+halving"). It continues when it is in the top ``ceil(n / reduction_factor)`` of the ``n``
+trials at that rung; while fewer than ``reduction_factor`` trials have reported there,
+every trial continues (no evidence yet). With one objective this is plain ASHA.
+
+Pure code over vectors: the policy collects the rung data and applies the decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stagetune.objectives.catalog import Direction
+from stagetune.objectives.pareto import crowding_distance, dominates, non_dominated_ranks
+
+__all__ = ["RungDecision", "rung_decision"]
+
+
+@dataclass(frozen=True)
+class RungDecision:
+    stop: bool
+    position: int  # 0-based place of the trial among the n ranked at the rung
+    n: int  # trials ranked at the rung, this one included
+    keep: int  # how many continue from this rung
+    rank: int  # the trial's non-dominated rank (1 = not dominated by any)
+    dominated_by: tuple[int, ...]  # indices into ``others`` of vectors that dominate it
+
+
+def _order(points: Sequence[Sequence[float]], directions: Sequence[Direction]) -> list[int]:
+    """Indices of ``points``, best first: by front, then by crowding distance (wider first)."""
+    ranks = non_dominated_ranks(points, directions)
+    order: list[int] = []
+    for front in sorted(set(ranks)):
+        members = [i for i, r in enumerate(ranks) if r == front]
+        spread = crowding_distance([points[i] for i in members], directions)
+        order += [m for _, m in sorted(zip(spread, members, strict=True), key=lambda p: -p[0])]
+    return order
+
+
+def rung_decision(
+    own: Sequence[float],
+    others: Sequence[Sequence[float]],
+    directions: Sequence[Direction],
+    reduction_factor: float,
+) -> RungDecision:
+    """Continue or stop ``own`` given the vectors ``others`` reported at the same rung."""
+    points = [*others, own]
+    n = len(points)
+    me = n - 1
+    ranks = non_dominated_ranks(points, directions)
+    beaten_by = tuple(i for i, p in enumerate(others) if dominates(p, own, directions))
+    if n < reduction_factor:
+        return RungDecision(False, 0, n, n, ranks[me], beaten_by)
+    keep = max(1, math.ceil(n / reduction_factor))
+    position = _order(points, directions).index(me)
+    return RungDecision(position >= keep, position, n, keep, ranks[me], beaten_by)

@@ -1,0 +1,342 @@
+"""Suggestions computed ahead, so that handing out a trial is a pop, not a model fit.
+
+Each study has a *mirror*: an in-memory Optuna study with the study's sampler, holding
+every trial the database holds (finished trials with their values and the attributes the
+constraints need; running trials as running). A background thread keeps a few
+suggestions ready per study, each asked from the mirror, so each one is itself a running
+trial there: with TPE's constant liar, running trials *and* suggestions not yet handed
+out count as bad guesses, and consecutive suggestions spread out.
+
+Everything the service learns (a suggestion handed out as database trial N, a queued
+retry handed out, a trial finished) reaches the mirror as an event on a queue, applied by
+the background thread: a worker's call never waits for the sampler or the mirror.
+
+The database stays the only truth. A mirror is built from it on first use (after a
+restart, too), and rebuilt when the database holds trials the mirror never heard of:
+another server replica sharing the database created them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from stagetune.contract.spec import ParamValue, StudySpec
+from stagetune.server import storage as st
+from stagetune.server.storage import StudyStore, running_trial
+
+__all__ = ["SuggestionPool", "Suggestion"]
+
+_log = logging.getLogger(__name__)
+
+# Trial attributes the mirror keeps: what the constraints function reads.
+_KEPT = (st.METRICS, st.INFEASIBLE)
+
+SamplerFactory = Callable[[StudySpec], optuna.samplers.BaseSampler]
+DistributionsOf = Callable[[StudySpec], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    params: dict[str, ParamValue]
+    system_attrs: dict[str, Any]  # what the sampler noted on it (NSGA-II's generation)
+    mirror_trial: int  # the suggestion's trial id in its mirror
+    generation: int  # which build of the mirror made it
+
+
+@dataclass
+class _Mirror:
+    spec: StudySpec
+    study: optuna.Study
+    generation: int
+    ready: collections.deque[Suggestion] = field(default_factory=collections.deque)
+    by_db: dict[int, int] = field(default_factory=dict)  # database trial id -> mirror id
+
+
+def _kept_attrs(user_attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in user_attrs.items() if k in _KEPT or k.startswith(st.RUNG_PREFIX)}
+
+
+class SuggestionPool:
+    """Per-study ready suggestions, refilled in the background."""
+
+    def __init__(
+        self,
+        store: StudyStore,
+        make_sampler: SamplerFactory,
+        distributions_of: DistributionsOf,
+        *,
+        size: int = 8,
+        wait_seconds: float = 10.0,
+        idle_seconds: float = 600.0,
+    ) -> None:
+        self._store = store
+        self._make_sampler = make_sampler
+        self._distributions_of = distributions_of
+        self.size = size
+        self._wait_seconds = wait_seconds
+        self._idle_seconds = idle_seconds  # a study not asked for this long: mirror dropped
+        self._last_pop: dict[str, float] = {}
+        self._mirrors: dict[str, _Mirror] = {}
+        self._generations = 0
+        self._cond = threading.Condition()  # guards _mirrors and every mirror's ready queue
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wanted: set[str] = set()  # studies whose pool should be (re)filled
+        self._in_flight: collections.Counter[str] = collections.Counter()  # events not applied
+        self._closed = False
+        self.misses = 0  # pops that had to wait for the sampler
+        self._thread = threading.Thread(target=self._run, name="suggestions", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ called by the policy
+
+    def pop(self, spec: StudySpec) -> Suggestion:
+        """The next suggestion for the study; waits only when none is ready (a miss)."""
+        with self._cond:
+            self._wanted.add(spec.name)
+            self._last_pop[spec.name] = time.monotonic()
+            mirror = self._mirrors.get(spec.name)
+            if mirror is None or not mirror.ready:
+                self.misses += 1
+                self._cond.notify_all()
+                ok = self._cond.wait_for(
+                    lambda: self._closed or bool(self._ready(spec.name)), self._wait_seconds
+                )
+                if not ok or self._closed:
+                    raise TimeoutError(f"no suggestion for {spec.name} after waiting")
+            got = self._ready(spec.name).popleft()
+            self._in_flight[spec.name] += 1  # until its bind event is applied
+            self._cond.notify_all()  # the refill loop tops the pool up again
+            return got
+
+    def bind(self, name: str, suggestion: Suggestion, db_trial_id: int | None) -> None:
+        """A popped suggestion became database trial ``db_trial_id`` (None: it was not
+        used, because creating the trial failed)."""
+        self._event("bind", (name, suggestion, db_trial_id))
+
+    def started(self, name: str, db_trial_id: int, params: dict[str, ParamValue]) -> None:
+        """A queued trial (retry or warm start) was handed out: it runs now."""
+        with self._cond:
+            self._in_flight[name] += 1
+        self._event("started", (name, db_trial_id, params))
+
+    def finished(
+        self,
+        name: str,
+        db_trial_id: int,
+        values: Sequence[float] | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """A trial finished. A completed one comes with its ``values`` and the ``attrs``
+        written with them (its final metrics: all the constraints read), so the mirror
+        learns it without a read; a stopped or failed one is read back."""
+        outcome = (list(values), _kept_attrs(attrs or {})) if values is not None else None
+        self._event("finished", (name, db_trial_id, outcome))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._events.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------ background thread
+
+    def _ready(self, name: str) -> collections.deque[Suggestion]:
+        mirror = self._mirrors.get(name)
+        return mirror.ready if mirror is not None else collections.deque()
+
+    def _event(self, kind: str, payload: Any) -> None:
+        self._events.put((kind, payload))
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._has_work(), timeout=1.0)
+                if self._closed:
+                    return
+            try:
+                self._drain_events()
+                self._drop_idle()
+                self._refill_one()
+            except Exception:
+                _log.warning("suggestion pool pass failed; retrying", exc_info=True)
+                with self._cond:
+                    self._cond.wait(timeout=1.0)
+
+    def _has_work(self) -> bool:
+        if not self._events.empty():
+            return True
+        return any(self._needs_refill(name) for name in self._wanted)
+
+    def _needs_refill(self, name: str) -> bool:
+        return len(self._ready(name)) < self.size  # no mirror yet: nothing ready
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "stop":
+                return
+            name = payload[0]
+            if kind in ("bind", "started"):
+                with self._cond:
+                    self._in_flight[name] -= 1
+            mirror = self._mirrors.get(name)
+            if mirror is None:
+                continue  # built from the database when needed, which includes this event
+            if kind == "bind":
+                _, suggestion, db_id = payload
+                if db_id is None:  # never handed out: it stays a running guess in the mirror
+                    continue
+                if suggestion.generation == mirror.generation:
+                    mirror.by_db[db_id] = suggestion.mirror_trial
+                elif db_id not in mirror.by_db:  # an earlier build's: add a running twin
+                    self._add_running(mirror, db_id, suggestion.params)
+            elif kind == "started":
+                _, db_id, params = payload
+                if db_id not in mirror.by_db:
+                    self._add_running(mirror, db_id, params)
+            elif kind == "finished":
+                self._tell(mirror, payload[1], payload[2])
+
+    def _drop_idle(self) -> None:
+        """Forget studies nobody asked for in ``idle_seconds`` (finished, stopped, or
+        between campaigns): their mirrors are rebuilt from the database if asked again."""
+        now = time.monotonic()
+        with self._cond:
+            for name in [n for n, t in self._last_pop.items() if now - t > self._idle_seconds]:
+                self._wanted.discard(name)
+                self._mirrors.pop(name, None)
+                del self._last_pop[name]
+
+    def _refill_one(self) -> None:
+        """Top up one study's pool by one suggestion (so events are never held up)."""
+        with self._cond:
+            names = [n for n in self._wanted if self._needs_refill(n)]
+        if not names:
+            return
+        name = min(names, key=lambda n: len(self._ready(n)))
+        mirror = self._mirrors.get(name)
+        if mirror is None or self._stale(mirror):
+            mirror = self._build(name)
+        trial = mirror.study.ask(fixed_distributions=self._distributions_of(mirror.spec))
+        system_attrs = mirror.study._storage.get_trial(trial._trial_id).system_attrs
+        suggestion = Suggestion(
+            dict(trial.params), dict(system_attrs), trial._trial_id, mirror.generation
+        )
+        with self._cond:
+            if self._mirrors.get(name) is mirror:
+                mirror.ready.append(suggestion)
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------ the mirror
+
+    def _stale(self, mirror: _Mirror) -> bool:
+        """Whether the database holds trials of the study this mirror never heard of."""
+        name = mirror.spec.name
+        counts = self._store.counts(name)
+        with self._cond:
+            known = len(mirror.by_db) + self._in_flight[name]
+        return counts.total - counts.waiting > known
+
+    def _build(self, name: str) -> _Mirror:
+        """A fresh mirror holding every trial of the study in the database."""
+        head = self._store.study_head(name)
+        spec = head.spec
+        storage = optuna.storages.InMemoryStorage()
+        study = optuna.create_study(
+            storage=storage, directions=spec.directions, sampler=self._make_sampler(spec)
+        )
+        self._generations += 1
+        mirror = _Mirror(spec, study, self._generations)
+        db_trials = self._store.optuna_storage.get_all_trials(
+            self._store._study_id(name), deepcopy=False
+        )
+        for t in db_trials:
+            if t.state != TrialState.WAITING:
+                self._copy(mirror, t)
+        with self._cond:
+            self._mirrors[name] = mirror
+        return mirror
+
+    def _copy(self, mirror: _Mirror, t: FrozenTrial) -> None:
+        """Add database trial ``t`` to the mirror, with its state."""
+        mirror_id = self._add(
+            mirror, t._trial_id, t.params, t.distributions, t.system_attrs, t.datetime_start
+        )
+        if t.state != TrialState.RUNNING:
+            self._finish(mirror, mirror_id, t.state, t.values, t.user_attrs)
+
+    def _add_running(self, mirror: _Mirror, db_id: int, params: dict[str, ParamValue]) -> None:
+        self._add(mirror, db_id, params, self._distributions_of(mirror.spec))
+
+    def _add(
+        self,
+        mirror: _Mirror,
+        db_id: int,
+        params: dict[str, Any],
+        distributions: dict[str, Any],
+        system_attrs: dict[str, Any] | None = None,
+        start: datetime | None = None,
+    ) -> int:
+        """A running mirror twin of database trial ``db_id``; returns its mirror id."""
+        template = running_trial(params, distributions, system_attrs=system_attrs, start=start)
+        mirror_id = mirror.study._storage.create_new_trial(mirror.study._study_id, template)
+        mirror.by_db[db_id] = mirror_id
+        return mirror_id
+
+    def _tell(
+        self,
+        mirror: _Mirror,
+        db_id: int,
+        completed: tuple[list[float], dict[str, Any]] | None,
+    ) -> None:
+        mirror_id = mirror.by_db.get(db_id)
+        storage = mirror.study._storage
+        if mirror_id is not None and storage.get_trial(mirror_id).state.is_finished():
+            return  # already told (the build read it finished)
+        if mirror_id is not None and completed is not None:
+            self._finish(mirror, mirror_id, TrialState.COMPLETE, *completed)
+            return
+        t = self._store.optuna_storage.get_trial(db_id)
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            return
+        if mirror_id is None:
+            self._copy(mirror, t)
+        else:
+            self._finish(mirror, mirror_id, t.state, t.values, t.user_attrs)
+
+    def _finish(
+        self,
+        mirror: _Mirror,
+        mirror_id: int,
+        state: TrialState,
+        values: Sequence[float] | None,
+        user_attrs: dict[str, Any],
+    ) -> None:
+        """Tell the mirror how a database trial ended, with the attributes the
+        constraints read, through its sampler (which records constraint values, as it
+        did for the database study)."""
+        storage = mirror.study._storage
+        for key, value in _kept_attrs(user_attrs).items():
+            storage.set_trial_user_attr(mirror_id, key, value)
+        number = storage.get_trial_number_from_id(mirror_id)
+        if state == TrialState.COMPLETE and values is not None:
+            mirror.study.tell(number, list(values))
+        else:
+            mirror.study.tell(number, state=state)

@@ -1,0 +1,394 @@
+"""Tracking: the only module that imports MLflow.
+
+A study is a parent run in the experiment ``stagetune/<stage>``; each trial is a child run
+with its params, rung metrics by step, final metrics, state, worker and attempt, and tags
+``pareto_front`` / ``pareto_rank`` that move with the front. The parent run carries the
+spec, ``hypervolume`` logged against the number of completed trials, and the artifacts
+``pareto_front.csv`` and ``pareto_front.png``, rewritten as the front moves.
+
+All MLflow calls run on one background thread, in the order the service sends events, so
+an RPC never waits on MLflow beyond a short bound (``sync_timeout``), and a tracking outage
+is logged and dropped, never raised: the study store stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf import json_format
+
+from stagetune.contract.redact import redact, redact_text
+from stagetune.contract.spec import StudySpec, spec_to_proto
+from stagetune.server.records import TrialRecord
+
+__all__ = ["Tracker", "NullTracker", "MlflowTracker"]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+_RUN_STATUS = {
+    "complete": "FINISHED",
+    "stopped": "KILLED",
+    "failed": "FAILED",
+    "infeasible": "KILLED",
+}
+
+
+class Tracker(Protocol):
+    """What the study service reports to the review surface. Never raises."""
+
+    def study_created(self, spec: StudySpec) -> tuple[str, str]:
+        """Experiment id and parent run id ("" when unknown)."""
+        ...
+
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        """Open the trial's child run without waiting; ``on_run_id`` gets its id."""
+        ...
+
+    def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None: ...
+
+    def trial_finished(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None: ...
+
+    def front_changed(
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
+    ) -> None:
+        """``load_trials()``: every COMPLETE trial with its current ``pareto_rank``; called
+        only if the tracker needs them (it reads the trial table)."""
+        ...
+
+    def flush(self, timeout: float = 30.0) -> None: ...
+
+    def close(self, timeout: float = 30.0) -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off."""
+
+    def study_created(self, spec: StudySpec) -> tuple[str, str]:
+        return "", ""
+
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        pass
+
+    def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def trial_finished(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None:
+        pass
+
+    def front_changed(
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
+    ) -> None:
+        pass
+
+    def flush(self, timeout: float = 30.0) -> None:
+        pass
+
+    def close(self, timeout: float = 30.0) -> None:
+        pass
+
+
+def _flat_params(spec: StudySpec) -> dict[str, str]:
+    params = {
+        "stage": spec.stage,
+        "sampler": spec.sampler.kind,
+        "sampler_seed": str(spec.sampler.seed),
+        "max_trials": str(spec.budget.max_trials),
+        "max_retries": str(spec.budget.max_retries),
+        "fidelity": f"{spec.fidelity.min_steps}..{spec.fidelity.max_steps}"
+        f" eta={spec.fidelity.reduction_factor:g}",
+        "objectives": ", ".join(f"{o.metric}:{o.direction}" for o in spec.objectives),
+    }
+    for p in spec.search_space:
+        fields = {k: v for k, v in vars(p).items() if k != "name"}
+        params[f"space.{p.name}"] = str(fields)[:500]
+    return {k: redact_text(v) for k, v in params.items()}
+
+
+class MlflowTracker:
+    """Tracker writing to an MLflow tracking server or local database."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        artifact_root: Path | None = None,
+        sync_timeout: float = 5.0,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every fresh store
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri)
+        self._artifact_root = artifact_root
+        self._sync_timeout = sync_timeout
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._experiments: dict[str, str] = {}
+        self._parents: dict[str, str] = {}
+        self._children: dict[int, str] = {}
+        self._tags: dict[str, tuple[str, str]] = {}
+        # Front updates queued per study: only the newest rewrites tags and artifacts, so a
+        # burst of completions costs one plot, not one per completion.
+        self._pending_fronts: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _submit(self, fn: Any, *args: Any) -> Future[Any]:
+        def guarded() -> Any:
+            try:
+                return fn(*args)
+            except Exception:
+                _log.warning("MLflow tracking failed in %s", fn.__name__, exc_info=True)
+                return None
+
+        try:
+            return self._pool.submit(guarded)
+        except RuntimeError:  # pool shut down
+            done: Future[Any] = Future()
+            done.set_result(None)
+            return done
+
+    def _wait(self, future: Future[_T], default: _T) -> _T:
+        try:
+            result = future.result(timeout=self._sync_timeout)
+        except FutureTimeout:
+            _log.warning(
+                "MLflow did not answer in %.1fs; continuing without a run id", self._sync_timeout
+            )
+            return default
+        return default if result is None else result
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self._submit(lambda: None).result(timeout=timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush pending events for up to ``timeout`` seconds, then drop the rest."""
+        try:
+            self.flush(timeout)
+        except FutureTimeout:
+            _log.warning("MLflow events still pending after %.0fs were dropped", timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ events
+
+    def study_created(self, spec: StudySpec) -> tuple[str, str]:
+        return self._wait(self._submit(self._parent, spec), ("", ""))
+
+    def trial_started(
+        self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
+    ) -> None:
+        def start() -> None:
+            run_id = self._start_child(spec, trial)
+            self._children[trial.trial_id] = run_id
+            on_run_id(run_id)
+
+        start.__name__ = "trial_started"
+        self._submit(start)
+
+    def trial_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None:
+        self._submit(self._log_progress, trial, step, metrics)
+
+    def trial_finished(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None:
+        self._submit(self._finish_child, spec, trial, final_step)
+
+    def front_changed(
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
+    ) -> None:
+        with self._pending_lock:
+            self._pending_fronts[spec.name] = self._pending_fronts.get(spec.name, 0) + 1
+        self._submit(self._update_front, spec, load_trials, hypervolume, n_complete)
+
+    # ------------------------------------------------------------ MLflow work (tracker thread)
+
+    def _experiment(self, stage: str) -> str:
+        name = f"stagetune/{stage}"
+        if name not in self._experiments:
+            exp = self._client.get_experiment_by_name(name)
+            if exp is not None:
+                self._experiments[name] = exp.experiment_id
+            else:
+                location = None
+                if self._artifact_root is not None:
+                    location = (self._artifact_root / stage).resolve().as_uri()
+                self._experiments[name] = self._client.create_experiment(
+                    name, artifact_location=location
+                )
+        return self._experiments[name]
+
+    def _parent(self, spec: StudySpec) -> tuple[str, str]:
+        exp = self._experiment(spec.stage)
+        if spec.name not in self._parents:
+            found = self._client.search_runs(
+                [exp],
+                filter_string=f"tags.`stagetune.study` = '{spec.name}' "
+                "and tags.`stagetune.kind` = 'study'",
+                max_results=1,
+            )
+            if found:
+                self._parents[spec.name] = found[0].info.run_id
+            else:
+                run = self._client.create_run(
+                    exp,
+                    run_name=spec.name,
+                    tags={"stagetune.study": spec.name, "stagetune.kind": "study"},
+                )
+                run_id = run.info.run_id
+                for key, value in _flat_params(spec).items():
+                    self._client.log_param(run_id, key, value)
+                self._client.log_dict(
+                    run_id, redact(json_format.MessageToDict(spec_to_proto(spec))), "spec.json"
+                )
+                self._parents[spec.name] = run_id
+        return exp, self._parents[spec.name]
+
+    def _child(self, spec: StudySpec, trial: TrialRecord) -> str:
+        run_id = self._children.get(trial.trial_id) or trial.mlflow_run_id
+        if run_id:
+            return run_id
+        exp, _ = self._parent(spec)
+        found = self._client.search_runs(
+            [exp], filter_string=f"tags.`stagetune.trial_id` = '{trial.trial_id}'", max_results=1
+        )
+        run_id = found[0].info.run_id if found else self._start_child(spec, trial)
+        self._children[trial.trial_id] = run_id
+        return run_id
+
+    def _start_child(self, spec: StudySpec, trial: TrialRecord) -> str:
+        exp, parent = self._parent(spec)
+        run = self._client.create_run(
+            exp,
+            run_name=f"{spec.name}/trial-{trial.number}",
+            tags={
+                "mlflow.parentRunId": parent,
+                "stagetune.study": spec.name,
+                "stagetune.kind": "trial",
+                "stagetune.trial_id": str(trial.trial_id),
+                "trial_number": str(trial.number),
+                "state": trial.state,
+                "worker": trial.worker_id,
+                "attempt": str(trial.attempt),
+            },
+        )
+        run_id = run.info.run_id
+        for key, value in trial.params.items():
+            self._client.log_param(run_id, key, str(value))
+        self._children[trial.trial_id] = run_id
+        return run_id
+
+    def _log_progress(self, trial: TrialRecord, step: int, metrics: dict[str, float]) -> None:
+        run_id = self._children.get(trial.trial_id) or trial.mlflow_run_id
+        if not run_id:
+            return
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                self._client.log_metric(run_id, key, value, step=step)
+
+    def _finish_child(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None:
+        run_id = self._child(spec, trial)
+        for key, value in trial.metrics.items():
+            if math.isfinite(value):
+                self._client.log_metric(run_id, key, value, step=final_step)
+        self._client.set_tag(run_id, "state", trial.state)
+        self._client.set_tag(run_id, "worker", trial.worker_id)
+        if trial.reason:
+            self._client.set_tag(run_id, "reason", redact_text(trial.reason)[:5000])
+        if trial.state != "complete":
+            self._client.set_tag(run_id, "pareto_front", "false")
+            self._client.set_tag(run_id, "pareto_rank", "0")
+        self._client.set_terminated(run_id, _RUN_STATUS.get(trial.state, "FINISHED"))
+
+    def _update_front(
+        self,
+        spec: StudySpec,
+        load_trials: Callable[[], list[TrialRecord]],
+        hypervolume: float,
+        n_complete: int,
+    ) -> None:
+        with self._pending_lock:
+            self._pending_fronts[spec.name] -= 1
+            superseded = self._pending_fronts[spec.name] > 0
+        _, parent = self._parent(spec)
+        self._client.log_metric(parent, "hypervolume", hypervolume, step=n_complete)
+        if superseded:  # a later update follows: read the trials and draw the front once
+            return
+        trials = load_trials()
+        for t in trials:
+            run_id = self._child(spec, t)
+            tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
+            if self._tags.get(run_id) != tags:
+                self._client.set_tag(run_id, "pareto_front", tags[0])
+                self._client.set_tag(run_id, "pareto_rank", tags[1])
+                self._tags[run_id] = tags
+        front = sorted((t for t in trials if t.pareto_rank == 1), key=lambda t: t.values)
+        with tempfile.TemporaryDirectory() as tmp:
+            csv_path = Path(tmp) / "pareto_front.csv"
+            _write_front_csv(csv_path, spec, front)
+            self._client.log_artifact(parent, str(csv_path))
+            png_path = Path(tmp) / "pareto_front.png"
+            _plot_front(png_path, spec, trials)
+            self._client.log_artifact(parent, str(png_path))
+
+
+def _write_front_csv(path: Path, spec: StudySpec, front: list[TrialRecord]) -> None:
+    names = [p.name for p in spec.search_space]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial_id", "number", *spec.metric_names, *names])
+        for t in front:
+            writer.writerow(
+                [t.trial_id, t.number, *t.values, *(t.params.get(n, "") for n in names)]
+            )
+
+
+def _plot_front(path: Path, spec: StudySpec, trials: list[TrialRecord]) -> None:
+    """Scatter of every pair of objectives; front members highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = len(spec.objectives)
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)] or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for on_front, style in ((False, {"c": "0.7", "s": 18}), (True, {"c": "C3", "s": 36})):
+            pts = [t for t in trials if (t.pareto_rank == 1) == on_front]
+            xs = [t.values[i] for t in pts]
+            ys = [t.values[j] if m > 1 else t.number for t in pts]
+            ax.scatter(xs, ys, label="Pareto front" if on_front else "dominated", **style)
+        ax.set_xlabel(f"{spec.objectives[i].metric} ({spec.objectives[i].direction})")
+        ax.set_ylabel(
+            f"{spec.objectives[j].metric} ({spec.objectives[j].direction})" if m > 1 else "trial"
+        )
+    axes[0][0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"{spec.name}: {len(trials)} complete trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""Entry point of a trial process: ``accelerate launch ... -m stagetune.trainer.run_trial FILE``.
+
+Every rank reads the same assignment file. Rank 0 writes the TrialResult the worker turns
+into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not as a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from stagetune.trainer.assignment import Assignment, TrialResult, free_port, process_rank
+from stagetune.trainer.rungs import GrpcReporter, NullReporter, Reporter
+
+__all__ = ["main"]
+
+
+def _runner(stage: str) -> Callable[[Assignment, Reporter], TrialResult] | None:
+    """The stage's runner, imported only in the trial process (it pulls in torch)."""
+    if stage == "pretrain_proxy":
+        from stagetune.trainer.stages.pretrain import run_pretrain_proxy
+
+        return run_pretrain_proxy
+    if stage == "sft":
+        from stagetune.trainer.stages.sft import run_sft
+
+        return run_sft
+    if stage == "lora":
+        from stagetune.trainer.stages.lora import run_lora
+
+        return run_lora
+    if stage == "dpo":
+        from stagetune.trainer.stages.dpo import run_dpo
+
+        return run_dpo
+    if stage == "grpo":
+        from stagetune.trainer.stages.grpo import run_grpo
+
+        return run_grpo
+    return None
+
+
+def _single_process_rendezvous() -> None:
+    """A one-process trial still gets a rank, a world size and a rendezvous address:
+    DeepSpeed initialises torch.distributed even for one process (and otherwise looks for
+    MPI). The launcher sets these for multi-process trials."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    port = free_port()
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**defaults, "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one stagetune trial (started by a worker).")
+    parser.add_argument("assignment", type=Path, help="assignment JSON written by the worker")
+    args = parser.parse_args(argv)
+    a = Assignment.read(args.assignment)
+    _single_process_rendezvous()
+    rank0 = process_rank() == 0
+    runner = _runner(a.stage)
+    if runner is None:
+        if rank0:
+            TrialResult("error", reason=f"no runner for stage {a.stage!r}").write(
+                Path(a.result_path)
+            )
+        return 1
+    reporter: Reporter = (
+        GrpcReporter(a.server, a.trial_id, a.worker_id) if a.server and rank0 else NullReporter()
+    )
+    try:
+        result = runner(a, reporter)
+    except Exception as e:
+        import torch
+
+        oom = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if rank0:
+            reason = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"[-6000:]
+            failed = TrialResult("out_of_memory" if oom else "error", reason=reason)
+            failed.write(Path(a.result_path))
+        if oom:
+            return 3
+        raise
+    if rank0:
+        result.write(Path(a.result_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

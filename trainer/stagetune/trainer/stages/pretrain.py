@@ -1,0 +1,83 @@
+"""The pretraining-proxy stage: a causal LM trained from scratch (random init).
+
+The proxy's width (``hidden_size``) and depth (``num_layers``) are searchable; its
+architecture otherwise follows ``runner.model`` (the tiny model's config, or a real
+model's config with its tokenizer). Quality: eval loss on held-out text (perplexity too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stagetune.trainer.assignment import Assignment, TrialResult
+from stagetune.trainer.rungs import Reporter
+from stagetune.trainer.stages.common import Trial
+from stagetune.trainer.tasks import load_text_dataset
+
+__all__ = ["run_pretrain_proxy", "DEFAULTS", "proxy_config"]
+
+DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "head_dim": 16, "mlp_ratio": 2.0}
+
+
+def proxy_config(base: Any, cfg: dict[str, Any]) -> Any:
+    """The base config with the trial's width and depth (heads keep ``head_dim``)."""
+    hidden = int(cfg.get("hidden_size", base.hidden_size))
+    head_dim = int(cfg["head_dim"])
+    if hidden % head_dim:
+        raise ValueError(f"hidden_size: {hidden} is not a multiple of head_dim {head_dim}")
+    config = base.__class__.from_dict(base.to_dict())
+    config.hidden_size = hidden
+    config.num_hidden_layers = int(cfg.get("num_layers", base.num_hidden_layers))
+    config.num_attention_heads = hidden // head_dim
+    config.num_key_value_heads = hidden // head_dim
+    if hasattr(config, "head_dim"):
+        config.head_dim = head_dim
+    config.intermediate_size = int(round(hidden * float(cfg["mlp_ratio"])))
+    return config
+
+
+def run_pretrain_proxy(a: Assignment, reporter: Reporter) -> TrialResult:
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    with Trial(a, reporter, DEFAULTS) as t:
+        path = t.model_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        config = proxy_config(AutoConfig.from_pretrained(path), t.cfg)
+        torch.manual_seed(a.seed)
+        model = AutoModelForCausalLM.from_config(config)
+        max_length = int(t.cfg["max_length"])
+
+        def tokenize(batch: dict[str, list[str]]) -> Any:
+            return tokenizer(
+                [text + tokenizer.eos_token for text in batch["text"]],
+                truncation=True,
+                max_length=max_length,
+            )
+
+        train, evals = load_text_dataset(a.runner.get("data", {"synthetic": "arithmetic"}))
+        train = train.map(tokenize, batched=True, remove_columns=train.column_names)
+        evals = evals.map(tokenize, batched=True, remove_columns=evals.column_names)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**t.training_args()),
+            train_dataset=train,
+            eval_dataset=evals,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            processing_class=tokenizer,
+            callbacks=[t.rung_callback()],
+        )
+        return t.train(
+            trainer,
+            tokenizer,
+            quality=lambda net: {"parameters_m": net.num_parameters() / 1e6},
+        )

@@ -1,0 +1,69 @@
+"""The SFT stage: a full fine-tune with trl's SFTTrainer (the LoRA stage adds an adapter).
+
+Quality: eval loss on held-out pairs (perplexity too) and, where the data has checkable
+answers, exact-match accuracy of greedy answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stagetune.trainer.assignment import Assignment, TrialResult
+from stagetune.trainer.rungs import Reporter
+from stagetune.trainer.stages.common import Trial, greedy_completions
+from stagetune.trainer.tasks import answer_of, load_sft_dataset
+
+__all__ = ["run_sft", "run_sft_like", "exact_match", "DEFAULTS"]
+
+DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
+
+
+def exact_match(model: Any, tokenizer: Any, eval_rows: Any, limit: int = 16) -> float | None:
+    """Fraction of held-out prompts whose greedy answer's last number is the reference's;
+    None when the data has no checkable answers."""
+    rows = [r for r in eval_rows.select(range(min(limit, len(eval_rows))))]
+    if not rows or answer_of(rows[0]["completion"]) is None:
+        return None
+    texts = greedy_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=8)
+    hits = sum(answer_of(t) == answer_of(r["completion"]) for t, r in zip(texts, rows, strict=True))
+    return hits / len(rows)
+
+
+def run_sft_like(
+    a: Assignment, reporter: Reporter, defaults: dict[str, Any], peft_config: Any = None
+) -> TrialResult:
+    """SFTTrainer on prompt/completion pairs; with ``peft_config`` it trains an adapter."""
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+
+    with Trial(a, reporter, defaults) as t:
+        model, tokenizer = t.load_model()
+        train, evals = load_sft_dataset(a.runner.get("data", {"synthetic": "arithmetic"}), a.seed)
+        args = SFTConfig(**t.training_args(), max_length=int(t.cfg["max_length"]))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evals,
+            processing_class=tokenizer,
+            peft_config=peft_config(t.cfg) if peft_config is not None else None,
+            callbacks=[t.rung_callback()],
+        )
+        kept: list[tuple[str, Any]] = [
+            ("training", trainer.train_dataset),
+            ("eval", trainer.eval_dataset),
+        ]
+        for name, rows in kept:
+            if len(rows) == 0:  # trl drops pairs whose completion is cut off entirely
+                raise ValueError(
+                    f"runner.training.max_length: every {name} example's completion lies "
+                    f"beyond {t.cfg['max_length']} tokens; raise max_length"
+                )
+        return t.train(
+            trainer,
+            tokenizer,
+            quality=lambda net: {"exact_match": exact_match(net, tokenizer, evals)},
+        )
+
+
+def run_sft(a: Assignment, reporter: Reporter) -> TrialResult:
+    return run_sft_like(a, reporter, DEFAULTS)

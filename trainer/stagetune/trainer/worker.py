@@ -1,0 +1,398 @@
+"""The worker: polls the server, runs each trial in its own process group, reports back.
+
+This loop imports no torch. Each trial is launched with ``accelerate launch`` on N
+processes; every rank reads the same assignment file, rank 0 reports rungs to the server
+itself, and writes a result file the worker turns into CompleteTrial or FailTrial. A
+crashed or OOM-killed trial is reported failed with its reason and the worker polls again.
+SIGTERM/SIGINT: the running trial is stopped and handed back (requeued), then the loop ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from stagetune.contract.client import (
+    DEFAULT_ADDRESS,
+    TLS_CA_ENV,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+    TOKEN_ENV,
+    StudyClient,
+    WorkerClient,
+)
+from stagetune.contract.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    StagetuneError,
+    Unavailable,
+)
+from stagetune.contract.spec import spec_from_proto, value_from_proto
+from stagetune.trainer.assignment import Assignment, TrialResult, free_port
+from stagetune.v1 import types_pb2 as pb
+from stagetune.v1 import worker_service_pb2 as ws
+
+__all__ = [
+    "WorkerSettings",
+    "Worker",
+    "TrialOutcome",
+    "launch_command",
+    "uses_deepspeed",
+]
+
+Outcome = Literal["complete", "stopped", "failed", "interrupted", "lost"]
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class WorkerSettings:
+    server: str = DEFAULT_ADDRESS
+    worker_id: str = field(default_factory=_default_worker_id)
+    study_name: str = ""  # only this study; the worker exits when it is done or stopped
+    max_trials: int | None = None  # exit after running this many trials
+    processes: int = 1  # accelerate processes per trial
+    gpus: int = 0  # 0 = run trials on CPU
+    threads_per_trial: int | None = None  # OMP/torch threads per trial process
+    work_dir: Path = field(default_factory=lambda: Path("stagetune-data") / "work")
+    poll_interval: float = 2.0
+    keep_outputs: bool = False  # keep each trial's output folder (checkpoints, adapters)
+    # Credentials (None: from $STAGETUNE_TOKEN / $STAGETUNE_TLS_*). They reach the trial
+    # processes through those variables; the token is never printed (not even in a repr).
+    token: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def client_options(self) -> dict[str, str | None]:
+        return {
+            "token": self.token,
+            "ca_cert": self.tls_ca,
+            "client_cert": self.tls_cert,
+            "client_key": self.tls_key,
+        }
+
+    def trial_env(self) -> dict[str, str]:
+        """What a trial process needs to reach the server as this worker does."""
+        env: dict[str, str] = {}
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        for name, value in (
+            (TLS_CA_ENV, self.tls_ca),
+            (TLS_CERT_ENV, self.tls_cert),
+            (TLS_KEY_ENV, self.tls_key),
+        ):
+            if value:
+                env[name] = str(Path(value).resolve())
+        return env
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: int
+    outcome: Outcome
+    seconds: float
+    detail: str = ""
+
+
+def trial_folder(work_dir: Path, study_name: str, trial_id: int) -> Path | None:
+    """``work_dir/<study>/trial-<id>``, or None if the study name (which comes from the
+    server) would put it anywhere else: the worker deletes and writes this folder."""
+    base = work_dir.resolve()
+    study_dir = (base / study_name).resolve()
+    if not study_name or study_dir.parent != base or study_dir.name != study_name:
+        return None
+    return study_dir / f"trial-{trial_id}"
+
+
+def launch_command(
+    assignment_path: Path, processes: int, cpu: bool, deepspeed: bool = False
+) -> list[str]:
+    """The ``accelerate launch`` command that starts one trial on ``processes`` ranks."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        # accelerate's --cpu always starts one process; its torchrun launcher starts N, and
+        # on CPU the trainer (use_cpu) joins them with gloo.
+        cmd.append("--multi_gpu")
+    elif cpu and not deepspeed:
+        # --cpu would silently switch DeepSpeed off; a DeepSpeed trial on CPU relies on the
+        # hidden GPUs (CUDA_VISIBLE_DEVICES="") and the trainer's use_cpu instead.
+        cmd.append("--cpu")
+    if processes > 1:
+        cmd += ["--main_process_port", str(free_port())]
+    return [*cmd, "-m", "stagetune.trainer.run_trial", str(assignment_path)]
+
+
+def uses_deepspeed(a: Assignment) -> bool:
+    """Whether this trial trains under DeepSpeed (a ZeRO stage or a config of its own)."""
+    settings = {**a.runner.get("training", {}), **a.params}
+    return bool(settings.get("deepspeed_config")) or int(settings.get("zero_stage", 0)) > 0
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Worker:
+    """One polling worker. ``run`` loops until stopped, out of work, or out of trials."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.client = WorkerClient(settings.server, **settings.client_options())
+        self.studies = StudyClient(settings.server, **settings.client_options())
+        self._stop = threading.Event()
+        self._child: subprocess.Popen[bytes] | None = None
+        self.outcomes: list[TrialOutcome] = []
+
+    def stop(self) -> None:
+        """Ask the loop to end; the running trial is handed back to the server."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def _log(self, message: str) -> None:
+        print(f"[worker {self.settings.worker_id}] {message}", flush=True)
+
+    def run(self) -> list[TrialOutcome]:
+        s = self.settings
+        self._log(f"polling {s.server}" + (f" for study {s.study_name}" if s.study_name else ""))
+        try:
+            while not self._stop.is_set():
+                if s.max_trials is not None and len(self.outcomes) >= s.max_trials:
+                    self._log(f"ran {len(self.outcomes)} trials; exiting")
+                    break
+                try:
+                    got = self.client.acquire(
+                        s.worker_id,
+                        study_name=s.study_name,
+                        hostname=socket.gethostname(),
+                        gpus=s.gpus,
+                        processes=s.processes,
+                    )
+                except Unavailable as e:
+                    self._log(f"server unavailable ({e.message}); retrying")
+                    self._stop.wait(s.poll_interval)
+                    continue
+                if isinstance(got, ws.NoTrial):
+                    if s.study_name and self._study_finished(got):
+                        self._log(f"study {s.study_name} is finished; exiting")
+                        break
+                    wait = got.retry_after.ToTimedelta().total_seconds() or s.poll_interval
+                    self._stop.wait(min(wait, 30.0))
+                    continue
+                self.outcomes.append(self.run_trial(got))
+        finally:
+            self.client.close()
+            self.studies.close()
+        return self.outcomes
+
+    def _study_finished(self, no_trial: ws.NoTrial) -> bool:
+        try:
+            study = self.studies.get_study(self.settings.study_name)
+        except NotFound:
+            return True
+        except PermissionDenied:
+            # A worker token may not read studies: the server's answer names the state.
+            return no_trial.reason.endswith(("(done)", "(stopped)"))
+        return study.state in (pb.STUDY_STATE_DONE, pb.STUDY_STATE_STOPPED)
+
+    # ------------------------------------------------------------ one trial
+
+    def _write_assignment(self, got: ws.Assignment, trial_dir: Path) -> Assignment:
+        spec = spec_from_proto(got.spec)
+        trial = got.trial
+        assignment = Assignment(
+            trial_id=trial.trial_id,
+            study_name=trial.study_name,
+            number=trial.number,
+            attempt=trial.attempt,
+            stage=spec.stage,
+            params={k: value_from_proto(v) for k, v in trial.params.items()},
+            runner=spec.runner,
+            rung_steps=list(got.rung_steps),
+            objectives=spec.metric_names,
+            output_dir=str(trial_dir / "output"),
+            result_path=str(trial_dir / "result.json"),
+            server=self.settings.server,
+            worker_id=self.settings.worker_id,
+            seed=(spec.sampler.seed or 0) + trial.number,
+        )
+        assignment.write(trial_dir / "assignment.json")
+        return assignment
+
+    def run_trial(self, got: ws.Assignment) -> TrialOutcome:
+        s = self.settings
+        trial = got.trial
+        started = time.monotonic()
+        trial_dir = trial_folder(s.work_dir, trial.study_name, trial.trial_id)
+        if trial_dir is None:  # never rmtree or write outside the work folder
+            why = f"study name {trial.study_name!r} is not a plain folder name; refused"
+            self._log(f"trial {trial.trial_id}: {why}")
+            self.client.fail(trial.trial_id, s.worker_id, "crash", why)
+            return TrialOutcome(trial.trial_id, "failed", time.monotonic() - started, why)
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        trial_dir.mkdir(parents=True)
+        assignment = self._write_assignment(got, trial_dir)
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(assignment.params.items())
+        )
+        self._log(
+            f"trial {trial.trial_id} ({trial.study_name} #{trial.number}, "
+            f"attempt {trial.attempt}): {params}"
+        )
+        env = dict(os.environ)
+        env.update(
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+        )
+        env.update(s.trial_env())
+        if s.threads_per_trial:
+            env["OMP_NUM_THREADS"] = str(s.threads_per_trial)
+        if s.gpus == 0:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker's trials never touch a GPU
+        log_path = trial_dir / "trial.log"
+        cmd = launch_command(
+            trial_dir / "assignment.json",
+            int(assignment.runner.get("processes", s.processes)),  # the study's, if it says
+            cpu=s.gpus == 0,
+            deepspeed=uses_deepspeed(assignment),
+        )
+        with log_path.open("wb") as log:
+            self._child = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+            outcome = self._supervise(
+                trial.trial_id, got.lease_duration.ToTimedelta().total_seconds()
+            )
+        code = self._child.returncode
+        self._child = None
+        if outcome is None:
+            outcome = self._report(assignment, code, log_path)
+        result = TrialOutcome(trial.trial_id, outcome[0], time.monotonic() - started, outcome[1])
+        self._log(
+            f"trial {trial.trial_id}: {result.outcome} in {result.seconds:.1f}s"
+            + (f" ({result.detail})" if result.detail else "")
+        )
+        self._tidy_outputs(assignment, trial_dir / "output")
+        return result
+
+    def _tidy_outputs(self, a: Assignment, output: Path) -> None:
+        """Drop a finished trial's scratch files; keep its saved model when the study asks
+        (``runner.save_model``) so a later stage can start from it."""
+        if self.settings.keep_outputs:
+            return
+        model = output / "model"
+        if a.runner.get("save_model") and model.is_dir():
+            for entry in output.iterdir():
+                if entry.is_dir() and entry != model:
+                    shutil.rmtree(entry)
+                elif entry.is_file():
+                    entry.unlink()
+            self._log(f"trial {a.trial_id}: model saved in {model}")
+            return
+        shutil.rmtree(output, ignore_errors=True)
+
+    def _supervise(self, trial_id: int, lease: float) -> tuple[Outcome, str] | None:
+        """Wait for the trial process, renewing the lease. Returns an outcome when the
+        worker had to end the trial itself (shutdown, lost lease), else None."""
+        assert self._child is not None
+        interval = max(1.0, min(30.0, (lease or 60.0) / 4))
+        next_beat = time.monotonic() + interval
+        while self._child.poll() is None:
+            if self._stop.wait(0.2):
+                self._kill_child()
+                try:
+                    self.client.fail(
+                        trial_id, self.settings.worker_id, "interrupted", "worker shutting down"
+                    )
+                except StagetuneError as e:
+                    return "interrupted", f"could not hand back: {e.message}"
+                return "interrupted", "handed back to the server"
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + interval
+                try:
+                    if self.client.heartbeat(trial_id, self.settings.worker_id):
+                        self._kill_child()
+                        self.client.fail(
+                            trial_id, self.settings.worker_id, "interrupted", "study stopped"
+                        )
+                        return "interrupted", "study stopped"
+                except FailedPrecondition as e:
+                    # Stopped at a rung (the trial exits by itself) or reaped: never both
+                    # this worker and a retry running the same attempt.
+                    try:
+                        self._child.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        self._kill_child()
+                        return "lost", e.message
+                except StagetuneError as e:
+                    self._log(f"heartbeat failed: {e.message}")
+        return None
+
+    def _kill_child(self) -> None:
+        child = self._child
+        if child is None or child.poll() is not None:
+            return
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        except ProcessLookupError:
+            pass
+
+    def _report(self, a: Assignment, code: int, log_path: Path) -> tuple[Outcome, str]:
+        wid = self.settings.worker_id
+        result_path = Path(a.result_path)
+        result = TrialResult.read(result_path) if result_path.exists() else None
+        try:
+            if result is not None and result.status == "stopped":
+                return "stopped", result.reason
+            if result is not None and result.status == "complete" and code == 0:
+                bad = {k: v for k, v in result.metrics.items() if not math.isfinite(v)}
+                if bad:
+                    self.client.fail(a.trial_id, wid, "crash", f"diverged: non-finite {bad}")
+                    return "failed", f"non-finite metrics {sorted(bad)}"
+                missing = [m for m in a.objectives if m not in result.metrics]
+                if missing:
+                    self.client.fail(a.trial_id, wid, "crash", f"runner reported no {missing}")
+                    return "failed", f"missing objective metrics {missing}"
+                self.client.complete(a.trial_id, wid, result.metrics)
+                values = ", ".join(f"{m}={result.metrics[m]:.4g}" for m in a.objectives)
+                return "complete", values
+            if result is not None and result.status == "out_of_memory":
+                self.client.fail(a.trial_id, wid, "out_of_memory", result.reason)
+                return "failed", "out of memory"
+            why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if code == -signal.SIGKILL or code == 137:
+                why += " (possibly out of host memory)"
+            detail = result.reason if result is not None and result.reason else _tail(log_path)
+            self.client.fail(a.trial_id, wid, "crash", f"{why}\n{detail}")
+            return "failed", why
+        except FailedPrecondition as e:
+            return "lost", e.message
