@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -33,6 +33,7 @@ from stagetune.contract.errors import (
     Unavailable,
     error_from_status,
 )
+from stagetune.contract.names import FAILURE_KINDS, FailureKindName
 from stagetune.contract.spec import StudySpec, spec_to_proto
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
@@ -60,13 +61,6 @@ TLS_CERT_ENV = "STAGETUNE_TLS_CERT"
 TLS_KEY_ENV = "STAGETUNE_TLS_KEY"
 PathLike = str | Path
 _T = TypeVar("_T")
-
-FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
-_FAILURE_KINDS = {
-    "crash": pb.FAILURE_KIND_CRASH,
-    "out_of_memory": pb.FAILURE_KIND_OUT_OF_MEMORY,
-    "interrupted": pb.FAILURE_KIND_INTERRUPTED,
-}
 
 
 @dataclass(frozen=True)
@@ -318,7 +312,7 @@ class WorkerClient(_Client):
         request = ws.FailTrialRequest(
             trial_id=trial_id,
             worker_id=worker_id,
-            kind=_FAILURE_KINDS[kind],
+            kind=FAILURE_KINDS.to_proto[kind],
             reason=reason[-4000:],
             request_id=request_id or uuid.uuid4().hex,
         )

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stagetune.contract.names import EnumNames
+from stagetune.v1 import types_pb2 as pb
+
 ParamKind = Literal["float", "int", "str", "bool"]
 Value = float | int | str | bool
 
@@ -22,6 +25,7 @@ __all__ = [
     "ParamDef",
     "StageDef",
     "STAGES",
+    "STAGE_NAMES",
     "RUNNER_KEYS",
     "REWARD_FUNCTIONS",
 ]
@@ -68,6 +72,9 @@ class StageDef:
 
     name: str
     summary: str
+    #: ``module:function`` of the runner a trial process calls, imported there only (it
+    #: pulls in torch); a string, so the contract imports nothing of the trainer.
+    runner: str
     params: dict[str, ParamDef]
     fixed_only: dict[str, ParamDef] = field(default_factory=dict)
     default_objectives: tuple[str, ...] = ("eval_loss", "decode_latency_ms", "peak_memory_mb")
@@ -150,6 +157,7 @@ STAGES: dict[str, StageDef] = {
     "pretrain_proxy": StageDef(
         name="pretrain_proxy",
         summary="causal LM trained from scratch (random init) as a proxy for pretraining",
+        runner="stagetune.trainer.stages.pretrain:run_pretrain_proxy",
         params={
             **_OPTIMISATION,
             **_SYSTEMS,
@@ -175,6 +183,7 @@ STAGES: dict[str, StageDef] = {
     "sft": StageDef(
         name="sft",
         summary="full fine-tune with trl's SFTTrainer",
+        runner="stagetune.trainer.stages.sft:run_sft",
         params={**_OPTIMISATION, **_SYSTEMS},
         fixed_only=dict(_COMMON_FIXED),
         default_search_space={
@@ -187,6 +196,7 @@ STAGES: dict[str, StageDef] = {
     "lora": StageDef(
         name="lora",
         summary="LoRA adapter trained with trl's SFTTrainer and peft",
+        runner="stagetune.trainer.stages.lora:run_lora",
         params={**_OPTIMISATION, **_SYSTEMS, **_LORA},
         fixed_only=dict(_COMMON_FIXED),
         default_search_space={
@@ -200,6 +210,7 @@ STAGES: dict[str, StageDef] = {
     "dpo": StageDef(
         name="dpo",
         summary="preference tuning with trl's DPOTrainer, from a base or SFT/LoRA result",
+        runner="stagetune.trainer.stages.dpo:run_dpo",
         params={
             **_OPTIMISATION,
             **_SYSTEMS,
@@ -222,6 +233,7 @@ STAGES: dict[str, StageDef] = {
     "grpo": StageDef(
         name="grpo",
         summary="online RL with trl's GRPOTrainer and reward functions from the config",
+        runner="stagetune.trainer.stages.grpo:run_grpo",
         params={
             **_OPTIMISATION,
             **_SYSTEMS,
@@ -244,3 +256,6 @@ STAGES: dict[str, StageDef] = {
         data_columns=_SFT_COLUMNS,
     ),
 }
+
+#: Stage names <-> ``stagetune.v1.Stage`` values (``"sft"`` <-> ``STAGE_SFT``).
+STAGE_NAMES: EnumNames[str, pb.Stage] = EnumNames(pb.Stage, "STAGE_", tuple(STAGES))

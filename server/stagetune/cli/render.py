@@ -10,21 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from stagetune.contract.client import StudyClient
+from stagetune.contract.names import STUDY_STATES, TRIAL_STATES
 from stagetune.contract.spec import value_from_proto
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import types_pb2 as pb
 
 __all__ = ["STUDY_STATE", "render_pareto", "render_status"]
 
-STUDY_STATE = {1: "running", 2: "stopped", 3: "done"}
-_TRIAL_STATE = {
-    1: "waiting",
-    2: "running",
-    3: "complete",
-    4: "stopped",
-    5: "failed",
-    6: "infeasible",
-}
+STUDY_STATE = STUDY_STATES.from_proto
+_TRIAL_STATE = TRIAL_STATES.from_proto
 
 
 def _fmt(value: Any) -> str:

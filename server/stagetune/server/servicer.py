@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.names import FAILURE_KINDS, STUDY_STATES, TRIAL_STATES
 from stagetune.contract.spec import spec_from_proto, spec_to_proto, value_to_proto
 from stagetune.server.auth import Tenancy, acquire_for_team, current_identity
 from stagetune.server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
@@ -21,25 +22,10 @@ from stagetune.v1 import worker_service_pb2_grpc as ws_grpc
 
 __all__ = ["StudyServicer", "WorkerServicer", "study_to_proto", "trial_to_proto"]
 
-_STUDY_STATE = {
-    "running": pb.STUDY_STATE_RUNNING,
-    "stopped": pb.STUDY_STATE_STOPPED,
-    "done": pb.STUDY_STATE_DONE,
-}
-_TRIAL_STATE: dict[TrialStateName, pb.TrialState] = {
-    "waiting": pb.TRIAL_STATE_WAITING,
-    "running": pb.TRIAL_STATE_RUNNING,
-    "complete": pb.TRIAL_STATE_COMPLETE,
-    "stopped": pb.TRIAL_STATE_STOPPED,
-    "failed": pb.TRIAL_STATE_FAILED,
-    "infeasible": pb.TRIAL_STATE_INFEASIBLE,
-}
-_TRIAL_STATE_NAME: dict[int, TrialStateName] = {v: k for k, v in _TRIAL_STATE.items()}
-_FAILURE_KIND = {
-    pb.FAILURE_KIND_CRASH: "crash",
-    pb.FAILURE_KIND_OUT_OF_MEMORY: "out_of_memory",
-    pb.FAILURE_KIND_INTERRUPTED: "interrupted",
-}
+_STUDY_STATE = STUDY_STATES.to_proto
+_TRIAL_STATE = TRIAL_STATES.to_proto
+_TRIAL_STATE_NAME = TRIAL_STATES.from_proto
+_FAILURE_KIND = FAILURE_KINDS.from_proto
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -234,7 +220,7 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         trial, requeued = self._service.fail(
             request.trial_id,
             request.worker_id,
-            kind,  # type: ignore[arg-type]
+            kind,
             request.reason,
             request.request_id,
         )

@@ -7,12 +7,14 @@ into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from stagetune.contract.stages import STAGES
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port, process_rank
 from stagetune.trainer.rungs import GrpcReporter, NullReporter, Reporter
 
@@ -20,28 +22,16 @@ __all__ = ["main"]
 
 
 def _runner(stage: str) -> Callable[[Assignment, Reporter], TrialResult] | None:
-    """The stage's runner, imported only in the trial process (it pulls in torch)."""
-    if stage == "pretrain_proxy":
-        from stagetune.trainer.stages.pretrain import run_pretrain_proxy
-
-        return run_pretrain_proxy
-    if stage == "sft":
-        from stagetune.trainer.stages.sft import run_sft
-
-        return run_sft
-    if stage == "lora":
-        from stagetune.trainer.stages.lora import run_lora
-
-        return run_lora
-    if stage == "dpo":
-        from stagetune.trainer.stages.dpo import run_dpo
-
-        return run_dpo
-    if stage == "grpo":
-        from stagetune.trainer.stages.grpo import run_grpo
-
-        return run_grpo
-    return None
+    """The stage's runner as the stage registry names it, imported only in the trial
+    process (it pulls in torch)."""
+    known = STAGES.get(stage)
+    if known is None:
+        return None
+    module, _, function = known.runner.partition(":")
+    runner: Callable[[Assignment, Reporter], TrialResult] = getattr(
+        importlib.import_module(module), function
+    )
+    return runner
 
 
 def _single_process_rendezvous() -> None:

@@ -13,7 +13,11 @@ from typing import Any
 from google.protobuf import json_format
 
 from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.names import EnumNames
 from stagetune.contract.spec.model import (
+    DIRECTIONS,
+    EARLY_STOPPING,
+    SAMPLERS,
     BudgetSpec,
     CategoricalParam,
     ConstraintSpec,
@@ -30,36 +34,18 @@ from stagetune.contract.spec.model import (
     StudySpec,
     WarmStartSpec,
 )
+from stagetune.contract.stages import STAGE_NAMES
 from stagetune.v1 import types_pb2 as pb
 
 __all__ = ["spec_to_proto", "spec_from_proto", "value_to_proto", "value_from_proto"]
 
-_STAGE_TO_PB = {
-    "pretrain_proxy": pb.STAGE_PRETRAIN_PROXY,
-    "sft": pb.STAGE_SFT,
-    "lora": pb.STAGE_LORA,
-    "dpo": pb.STAGE_DPO,
-    "grpo": pb.STAGE_GRPO,
-}
-_STAGE_FROM_PB = {v: k for k, v in _STAGE_TO_PB.items()}
-_DIR_TO_PB = {"minimize": pb.DIRECTION_MINIMIZE, "maximize": pb.DIRECTION_MAXIMIZE}
-_DIR_FROM_PB: dict[int, Direction] = {v: k for k, v in _DIR_TO_PB.items()}  # type: ignore[misc]
-_SAMPLER_TO_PB = {
-    "tpe": pb.SAMPLER_KIND_TPE,
-    "nsga2": pb.SAMPLER_KIND_NSGA2,
-    "random": pb.SAMPLER_KIND_RANDOM,
-}
-_SAMPLER_FROM_PB: dict[int, SamplerName] = {v: k for k, v in _SAMPLER_TO_PB.items()}  # type: ignore[misc]
-
-
-_STOPPING_TO_PB = {
-    "none": pb.EARLY_STOPPING_NONE,
-    "mo_asha": pb.EARLY_STOPPING_MO_ASHA,
-}
-_STOPPING_FROM_PB: dict[int, EarlyStoppingName] = {
-    pb.EARLY_STOPPING_NONE: "none",
-    pb.EARLY_STOPPING_MO_ASHA: "mo_asha",
-}
+_DIRECTIONS: EnumNames[Direction, pb.Direction] = EnumNames(pb.Direction, "DIRECTION_", DIRECTIONS)
+_SAMPLERS: EnumNames[SamplerName, pb.SamplerKind] = EnumNames(
+    pb.SamplerKind, "SAMPLER_KIND_", SAMPLERS
+)
+_STOPPING: EnumNames[EarlyStoppingName, pb.EarlyStopping] = EnumNames(
+    pb.EarlyStopping, "EARLY_STOPPING_", EARLY_STOPPING
+)
 
 
 def value_to_proto(value: ParamValue) -> pb.ParameterValue:
@@ -83,14 +69,14 @@ def value_from_proto(value: pb.ParameterValue, where: str = "value") -> ParamVal
 def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
     msg = pb.StudySpec(
         name=spec.name,
-        stage=_STAGE_TO_PB.get(spec.stage, pb.STAGE_UNSPECIFIED),
+        stage=STAGE_NAMES.to_proto.get(spec.stage, pb.STAGE_UNSPECIFIED),
         fidelity=pb.Fidelity(
             min_steps=spec.fidelity.min_steps,
             max_steps=spec.fidelity.max_steps,
             reduction_factor=spec.fidelity.reduction_factor,
         ),
         budget=pb.Budget(max_trials=spec.budget.max_trials, max_retries=spec.budget.max_retries),
-        sampler=pb.SamplerSpec(kind=_SAMPLER_TO_PB[spec.sampler.kind]),
+        sampler=pb.SamplerSpec(kind=_SAMPLERS.to_proto[spec.sampler.kind]),
     )
     if spec.sampler.seed is not None:
         msg.sampler.seed = spec.sampler.seed
@@ -105,11 +91,11 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
         else:
             ps.categorical.CopyFrom(pb.Categorical(choices=[value_to_proto(c) for c in p.choices]))
     for o in spec.objectives:
-        om = msg.objectives.add(metric=o.metric, direction=_DIR_TO_PB[o.direction])
+        om = msg.objectives.add(metric=o.metric, direction=_DIRECTIONS.to_proto[o.direction])
         if o.reference is not None:
             om.reference = o.reference
     msg.runner.update(_jsonable(spec.runner))
-    msg.early_stopping = _STOPPING_TO_PB[spec.early_stopping]
+    msg.early_stopping = _STOPPING.to_proto[spec.early_stopping]
     if spec.warm_start != WarmStartSpec():
         msg.warm_start.CopyFrom(
             pb.WarmStart(studies=list(spec.warm_start.studies), defaults=spec.warm_start.defaults)
@@ -161,29 +147,23 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
             raise InvalidArgument(f"{where}.domain", f"parameter {ps.name!r} has no domain")
     objectives = []
     for i, o in enumerate(msg.objectives):
-        if o.direction not in _DIR_FROM_PB:
-            raise InvalidArgument(f"objectives[{i}].direction", "must be MINIMIZE or MAXIMIZE")
+        direction = _DIRECTIONS.name(o.direction, f"objectives[{i}].direction")
         ref = o.reference if o.HasField("reference") else None
-        objectives.append(ObjectiveSpec(o.metric, _DIR_FROM_PB[o.direction], ref))
-    if msg.stage not in _STAGE_FROM_PB:
-        raise InvalidArgument("stage", "must be set")
-    if msg.sampler.kind == pb.SAMPLER_KIND_UNSPECIFIED:
-        sampler_kind: SamplerName = "tpe"
-    elif msg.sampler.kind in _SAMPLER_FROM_PB:
-        sampler_kind = _SAMPLER_FROM_PB[msg.sampler.kind]
-    else:
-        raise InvalidArgument("sampler.kind", f"unknown sampler {msg.sampler.kind}")
+        objectives.append(ObjectiveSpec(o.metric, direction, ref))
+    stage = STAGE_NAMES.name(msg.stage, "stage")
+    sampler_kind: SamplerName = "tpe"  # unset: the default sampler
+    if msg.sampler.kind != pb.SAMPLER_KIND_UNSPECIFIED:
+        sampler_kind = _SAMPLERS.name(msg.sampler.kind, "sampler.kind")
     try:
         runner = (
             _restore_ints(json_format.MessageToDict(msg.runner)) if msg.HasField("runner") else {}
         )
     except ValueError:  # NaN or infinity somewhere in the struct: JSON cannot carry it
         raise InvalidArgument("runner", "numbers must be finite") from None
-    if msg.early_stopping not in _STOPPING_FROM_PB:
-        raise InvalidArgument("early_stopping", "must be NONE or MO_ASHA")
+    early_stopping = _STOPPING.name(msg.early_stopping, "early_stopping")
     return StudySpec(
         name=msg.name,
-        stage=_STAGE_FROM_PB[msg.stage],
+        stage=stage,
         search_space=tuple(space),
         objectives=tuple(objectives),
         fidelity=FidelitySpec(
@@ -194,7 +174,7 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
             sampler_kind, msg.sampler.seed if msg.sampler.HasField("seed") else None
         ),
         runner=runner,
-        early_stopping=_STOPPING_FROM_PB[msg.early_stopping],
+        early_stopping=early_stopping,
         constraints=tuple(
             ConstraintSpec(
                 c.metric,
