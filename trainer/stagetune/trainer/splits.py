@@ -13,7 +13,7 @@ in [0, 1), fall into the train, eval or test interval of the configured fraction
   "input"]``) keeps every answer to one prompt on the same side, and ``prefix_until`` keys
   on the start of a field: hh-rlhf holds several dialogues that open with the same human
   turn, and ``fields=["chosen"], prefix_until="\n\nAssistant:"`` keeps them together (its
-  13-gram overlap between splits drops from about 9% of held-out rows to none).
+  13-gram overlap between splits drops from about 9% of held-out rows to 1 row in 481).
 
 Pure Python, standard library only: the server can compute the same assignment a worker
 does. ``read_rows`` reads JSON, JSONL and their gzipped forms without ``datasets``.
