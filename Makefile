@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch for machines without a GPU; on GPU nodes install your CUDA torch first.
 TORCH ?= torch==2.13.0
+export TORCH
 
 .PHONY: setup demo test test-all soak proto lint typecheck clean
 
