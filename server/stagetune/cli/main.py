@@ -262,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="only run trials of this study; exit when it is finished")
     p.add_argument("--max-trials", type=int, help="exit after this many trials")
     p.add_argument("--processes", type=int, default=1, help="accelerate processes per trial")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per trial (0 = CPU)")
+    p.add_argument(
+        "--gpus",
+        default=_env("GPUS", "0"),
+        help="GPUs for this worker's trials: a count (2), device ids (0,1), or 0 for CPU; "
+        "workers on one node never share a device (env STAGETUNE_GPUS)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads per trial process")
     p.add_argument(
         "--worker-id",

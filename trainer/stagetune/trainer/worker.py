@@ -40,6 +40,7 @@ from stagetune.contract.errors import (
 )
 from stagetune.contract.spec import spec_from_proto, value_from_proto
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port
+from stagetune.trainer.devices import DEFAULT_LOCK_DIR, claim_devices, parse_gpus, visible_devices
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 
@@ -65,7 +66,10 @@ class WorkerSettings:
     study_name: str = ""  # only this study; the worker exits when it is done or stopped
     max_trials: int | None = None  # exit after running this many trials
     processes: int = 1  # accelerate processes per trial
-    gpus: int = 0  # 0 = run trials on CPU
+    # GPUs for this worker's trials: a count ("2": any two free devices of the node), device
+    # ids ("0,1"), or 0 (CPU). Claimed for the worker's life, never shared (see devices).
+    gpus: int | str = 0
+    gpu_lock_dir: Path = DEFAULT_LOCK_DIR
     threads_per_trial: int | None = None  # OMP/torch threads per trial process
     work_dir: Path = field(default_factory=lambda: Path("stagetune-data") / "work")
     poll_interval: float = 2.0
@@ -156,6 +160,11 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        # Claimed before anything else: a worker that cannot have its devices says so and
+        # starts nothing (InvalidArgument naming --gpus).
+        self.devices = claim_devices(
+            parse_gpus(settings.gpus), visible_devices(), settings.gpu_lock_dir
+        )
         self.client = WorkerClient(settings.server, **settings.client_options())
         self.studies = StudyClient(settings.server, **settings.client_options())
         self._stop = threading.Event()
@@ -176,6 +185,8 @@ class Worker:
     def run(self) -> list[TrialOutcome]:
         s = self.settings
         self._log(f"polling {s.server}" + (f" for study {s.study_name}" if s.study_name else ""))
+        if self.devices.devices:
+            self._log(f"trials run on GPU {self.devices.cuda_visible_devices}")
         try:
             while not self._stop.is_set():
                 if s.max_trials is not None and len(self.outcomes) >= s.max_trials:
@@ -186,7 +197,7 @@ class Worker:
                         s.worker_id,
                         study_name=s.study_name,
                         hostname=socket.gethostname(),
-                        gpus=s.gpus,
+                        gpus=len(self.devices.devices),
                         processes=s.processes,
                     )
                 except Unavailable as e:
@@ -204,6 +215,7 @@ class Worker:
         finally:
             self.client.close()
             self.studies.close()
+            self.devices.release()
         return self.outcomes
 
     def _study_finished(self, no_trial: ws.NoTrial) -> bool:
@@ -240,6 +252,25 @@ class Worker:
         assignment.write(trial_dir / "assignment.json")
         return assignment
 
+    def trial_environment(self) -> dict[str, str]:
+        """The environment a trial process starts with: offline hubs, the worker's
+        credentials, its thread count, and only its own GPUs."""
+        s = self.settings
+        env = dict(os.environ)
+        env.update(
+            PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+        )
+        env.update(s.trial_env())
+        if s.threads_per_trial:
+            env["OMP_NUM_THREADS"] = str(s.threads_per_trial)
+        # Only this worker's devices; "" for a CPU worker, whose trials never touch a GPU.
+        env["CUDA_VISIBLE_DEVICES"] = self.devices.cuda_visible_devices
+        return env
+
     def run_trial(self, got: ws.Assignment) -> TrialOutcome:
         s = self.settings
         trial = got.trial
@@ -261,24 +292,12 @@ class Worker:
             f"trial {trial.trial_id} ({trial.study_name} #{trial.number}, "
             f"attempt {trial.attempt}): {params}"
         )
-        env = dict(os.environ)
-        env.update(
-            PYTHONUNBUFFERED="1",
-            TOKENIZERS_PARALLELISM="false",
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_DATASETS_OFFLINE="1",
-        )
-        env.update(s.trial_env())
-        if s.threads_per_trial:
-            env["OMP_NUM_THREADS"] = str(s.threads_per_trial)
-        if s.gpus == 0:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker's trials never touch a GPU
+        env = self.trial_environment()
         log_path = trial_dir / "trial.log"
         cmd = launch_command(
             trial_dir / "assignment.json",
             int(assignment.runner.get("processes", s.processes)),  # the study's, if it says
-            cpu=s.gpus == 0,
+            cpu=not self.devices.devices,
             deepspeed=uses_deepspeed(assignment),
         )
         with log_path.open("wb") as log:
