@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -101,6 +104,19 @@ def test_the_worker_survives_a_trial_that_errors(
     assert [o.outcome for o in outcomes] == ["failed", "failed"]
     assert all(t.state == pb.TRIAL_STATE_FAILED for t in trials)
     assert "crashed" in trials[0].reason and "no-such-model" in trials[0].reason
+    # The headline names the Python error, not only the exit code; `stagetune logs` prints
+    # the whole reason, with the end of the trial's log, from any machine.
+    headline = trials[0].reason.splitlines()[0]
+    assert re.match(r"crashed: exit code 1: \w+(Error|Exception): .*no-such-model", headline)
+    logs = subprocess.run(
+        [sys.executable, "-m", "stagetune.cli", "logs", spec.name, str(trials[0].trial_id)]
+        + ["--server", tracked_server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert logs.returncode == 0, logs.stderr
+    assert headline in logs.stdout and "--- trial log (end) ---" in logs.stdout
 
 
 def test_the_worker_survives_a_trial_process_killed_by_sigkill(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stagetune.cli.render import STUDY_STATE, render_pareto, render_status
+from stagetune.cli.render import STUDY_STATE, render_pareto, render_status, render_trial_log
 from stagetune.contract.client import DEFAULT_ADDRESS, StudyClient, health_check
 from stagetune.contract.errors import InvalidArgument, StagetuneError
 from stagetune.contract.packaged import example_configs, packaged_example
@@ -136,6 +136,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     with _study_client(args) as client:
         print(render_pareto(client.pareto_front(args.study), args.format))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    with _study_client(args) as client:
+        trials = client.list_trials(args.study)
+    trial = next((t for t in trials if t.trial_id == args.trial), None)
+    if trial is None:
+        raise InvalidArgument("trial", f"study {args.study} has no trial {args.trial}")
+    print(render_trial_log(trial))
     return 0
 
 
@@ -289,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(fn=cmd_pareto)
+
+    p = with_server(sub.add_parser("logs", help="why a trial ended: its error and log tail"))
+    p.add_argument("study")
+    p.add_argument("trial", type=int, help="the trial id (the first column of status)")
+    p.set_defaults(fn=cmd_logs)
 
     p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
     p.add_argument("study")

@@ -15,7 +15,7 @@ from stagetune.contract.spec import value_from_proto
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import types_pb2 as pb
 
-__all__ = ["STUDY_STATE", "render_pareto", "render_status"]
+__all__ = ["STUDY_STATE", "render_pareto", "render_status", "render_trial_log"]
 
 STUDY_STATE = STUDY_STATES.from_proto
 _TRIAL_STATE = TRIAL_STATES.from_proto
@@ -99,7 +99,7 @@ def render_status(client: StudyClient, name: str | None) -> str:
     if ended:
         out.append("\nstopped / failed / infeasible:")
         rows = [
-            [t.trial_id, _TRIAL_STATE[t.state], t.reason.splitlines()[0][:80] if t.reason else ""]
+            [t.trial_id, _TRIAL_STATE[t.state], t.reason.splitlines()[0] if t.reason else ""]
             for t in ended[-10:]
         ]
         out.append(_table(["trial", "state", "reason"], rows))
@@ -154,3 +154,13 @@ def render_pareto(front: ss.GetParetoFrontResponse, fmt: str) -> str:
     if not rows:
         return "the Pareto front is empty: no trial has completed yet"
     return _table(headers, table_rows) + f"\n\nhypervolume {front.hypervolume:.4g}; * = knee point"
+
+
+def render_trial_log(trial: pb.Trial) -> str:
+    """A trial's state and, for one that ended early, its whole reason: the headline (how
+    it ended and the Python error), then the error's details and the end of its log."""
+    head = f"trial {trial.trial_id} ({trial.study_name} #{trial.number}, attempt {trial.attempt})"
+    state = _TRIAL_STATE.get(trial.state, "?")
+    if not trial.reason:
+        return f"{head}: {state}; it left no error or log"
+    return f"{head}: {state}\n{trial.reason}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,7 @@ __all__ = [
     "TrialOutcome",
     "launch_command",
     "uses_deepspeed",
+    "failure_reason",
 ]
 
 Outcome = Literal["complete", "stopped", "failed", "interrupted", "lost"]
@@ -147,12 +149,38 @@ def uses_deepspeed(a: Assignment) -> bool:
     return bool(settings.get("deepspeed_config")) or int(settings.get("zero_stage", 0)) > 0
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+#: The last line of a Python traceback: ``ValueError: ...``, ``torch.OutOfMemoryError: ...``.
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):\s?(.*)$")
+#: What the server keeps of a reason (the client sends at most this much).
+_REASON_CHARS = 4000
+
+
+def _error_line(text: str) -> str:
+    """The last ``Type: message`` line of a traceback in ``text`` ("" if none)."""
+    for line in reversed(text.splitlines()):
+        if _ERROR_LINE.match(line.strip()):
+            return line.strip()
+    return ""
+
+
+def failure_reason(why: str, detail: str, log_tail: str) -> str:
+    """A failed trial's reason: one headline naming how it ended and the Python error
+    (``exit code 1: ValueError: runner.data.path: ...``), then the error's details and the
+    end of the trial log, cut from the middle so the headline always survives."""
+    error = _error_line(detail) or _error_line(log_tail)
+    headline = f"{why}: {error}" if error else why
+    headline = headline[:1000]
+    body = "\n".join(part for part in (detail, "--- trial log (end) ---\n" + log_tail) if part)
+    room = _REASON_CHARS - len(headline) - 1
+    return f"{headline}\n{body[-room:]}" if room > 0 else headline
 
 
 class Worker:
@@ -410,8 +438,9 @@ class Worker:
             why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if code == -signal.SIGKILL or code == 137:
                 why += " (possibly out of host memory)"
-            detail = result.reason if result is not None and result.reason else _tail(log_path)
-            self.client.fail(a.trial_id, wid, "crash", f"{why}\n{detail}")
-            return "failed", why
+            detail = result.reason if result is not None and result.reason else ""
+            reason = failure_reason(why, detail, _tail(log_path))
+            self.client.fail(a.trial_id, wid, "crash", reason)
+            return "failed", reason.splitlines()[0]
         except FailedPrecondition as e:
             return "lost", e.message
