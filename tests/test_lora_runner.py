@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stagetune.contract.spec import DataSource
 from stagetune.trainer.assignment import Assignment
 from stagetune.trainer.rungs import NullReporter
 from stagetune.trainer.tasks import answer_of, load_sft_dataset, synthetic_sft
@@ -46,13 +47,13 @@ def test_local_jsonl_with_a_column_mapping(tmp_path: Path) -> None:
     path.write_text(
         "\n".join(json.dumps({"q": f"q{i}", "ctx": "", "a": f"a{i}"}) for i in range(20))
     )
-    cfg = {
-        "path": str(path),
-        "prompt_columns": ["q", "ctx"],
-        "completion_column": "a",
-        "train_size": 15,
-        "eval_size": 3,
-    }
+    cfg = DataSource(
+        path=str(path),
+        prompt_columns=("q", "ctx"),
+        completion_column="a",
+        train_size=15,
+        eval_size=3,
+    )
     train, evals = load_sft_dataset(cfg, seed=0)
     assert (len(train), len(evals)) == (15, 3)
     row = train[0]
@@ -64,7 +65,7 @@ def test_a_missing_column_names_the_field(tmp_path: Path) -> None:
     path.write_text(json.dumps({"q": "x", "a": "y"}))
     with pytest.raises(ValueError, match=r"runner.data.completion_column: column 'answer'"):
         load_sft_dataset(
-            {"path": str(path), "prompt_columns": ["q"], "completion_column": "answer"}, 0
+            DataSource(path=str(path), prompt_columns=("q",), completion_column="answer"), 0
         )
 
 
@@ -72,13 +73,13 @@ def test_gsm8k_loads_with_the_alpaca_mapping() -> None:
     path = SHARED_DATA / "gsm8k-train-alpaca.json"
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data is not beside this checkout)")
-    cfg = {
-        "path": str(path),
-        "prompt_columns": ["instruction", "input"],
-        "completion_column": "output",
-        "train_size": 40,
-        "eval_size": 8,
-    }
+    cfg = DataSource(
+        path=str(path),
+        prompt_columns=("instruction", "input"),
+        completion_column="output",
+        train_size=40,
+        eval_size=8,
+    )
     train, evals = load_sft_dataset(cfg, seed=0)
     assert len(train) == 40 and len(evals) == 8
     assert answer_of(train[0]["completion"]) is not None

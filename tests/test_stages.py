@@ -13,7 +13,13 @@ import yaml
 
 from stagetune.contract.client import StudyClient
 from stagetune.contract.errors import InvalidArgument
-from stagetune.contract.spec import load_spec_file, spec_from_mapping, spec_to_proto, validate_spec
+from stagetune.contract.spec import (
+    load_spec_file,
+    parse_runner,
+    spec_from_mapping,
+    spec_to_proto,
+    validate_spec,
+)
 from stagetune.contract.stages import STAGES
 from stagetune.server.app import StagetuneServer
 from stagetune.trainer.assignment import Assignment
@@ -308,7 +314,8 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
     }
     data = config("sft")
     data["runner"]["data"] = cfg
-    validate_spec(spec_from_mapping(data))  # the submit-time column check reads it too
-    train, evals = load_sft_dataset(cfg)
+    spec = spec_from_mapping(data)
+    validate_spec(spec)  # the submit-time column check reads it too
+    train, evals = load_sft_dataset(parse_runner("sft", spec.runner).data)
     assert (len(train), len(evals)) == (16, 4)
     assert train[0]["prompt"].startswith("What is") and train[0]["completion"].startswith(" ")

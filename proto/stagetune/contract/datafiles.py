@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["columns_of", "required_columns", "SUFFIXES"]
+__all__ = ["columns_of", "SUFFIXES"]
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 _HEAD_BYTES = 1 << 20
@@ -61,18 +61,3 @@ def columns_of(path: Path) -> set[str] | None:
     else:
         return None
     return set(record) if record is not None else None
-
-
-def required_columns(stage_columns: dict[str, str], data: dict[str, Any]) -> dict[str, list[str]]:
-    """``runner.data`` key -> the columns it maps, with the stage's defaults filled in.
-
-    DPO's prompt column is optional: without one, the prompt is the shared start of the
-    chosen and rejected texts (the hh-rlhf layout), so it is only required when named.
-    """
-    needed: dict[str, list[str]] = {}
-    for key, default in stage_columns.items():
-        if key not in data and key == "prompt_columns" and "chosen_column" in stage_columns:
-            continue
-        value = data.get(key, [default] if key == "prompt_columns" else default)
-        needed[key] = list(value) if isinstance(value, list) else [str(value)]
-    return needed

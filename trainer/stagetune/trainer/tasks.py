@@ -2,7 +2,7 @@
 
 Every stage runs with no files at all on the synthetic task; real data comes from local
 JSON/JSONL/Parquet files or a saved ``datasets`` folder, with the column mapping in the
-study config.
+study config (``runner.data``, typed as ``DataSource``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import random
 import re
 from pathlib import Path
 from typing import Any
+
+from stagetune.contract.spec import DataSource
 
 __all__ = [
     "synthetic_sft",
@@ -87,10 +89,11 @@ def split_shared_prompt(
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _rows_from_file(data_cfg: dict[str, Any], columns: dict[str, list[str]]) -> Any:
+def _rows_from_file(data: DataSource, columns: dict[str, tuple[str, ...]]) -> Any:
     """The file's rows, shuffled with a fixed seed and cut to train + eval size, after
     checking every mapped column exists (naming the ``runner.data`` field)."""
-    path = Path(data_cfg["path"])
+    assert data.path is not None
+    path = Path(data.path)
     if not path.exists():
         raise ValueError(f"runner.data.path: {path} does not exist")
     raw = _read_rows(path)
@@ -101,79 +104,71 @@ def _rows_from_file(data_cfg: dict[str, Any], columns: dict[str, list[str]]) -> 
                     f"runner.data.{key}: column {col!r} not in {path.name} "
                     f"(columns: {raw.column_names})"
                 )
-    n = min(len(raw), sum(_sizes(data_cfg)))
+    n = min(len(raw), data.train_size + data.eval_size)
     return raw.shuffle(seed=1234).select(range(n))
 
 
-def _sizes(data_cfg: dict[str, Any]) -> tuple[int, int]:
-    return int(data_cfg.get("train_size", 256)), int(data_cfg.get("eval_size", 32))
-
-
-def _split(table: Any, data_cfg: dict[str, Any]) -> tuple[Any, Any]:
-    eval_n = min(_sizes(data_cfg)[1], max(1, len(table) // 5))
+def _split(table: Any, data: DataSource) -> tuple[Any, Any]:
+    eval_n = min(data.eval_size, max(1, len(table) // 5))
     split = table.train_test_split(test_size=eval_n, shuffle=False)
     return split["train"], split["test"]
 
 
-def _synthetic(data_cfg: dict[str, Any], make: Any) -> Any:
+def _synthetic(data: DataSource, make: Any) -> Any:
     import datasets
 
-    train_size, eval_size = _sizes(data_cfg)
     # A fixed seed: every trial of a study sees the same data.
-    return datasets.Dataset.from_list(make(train_size + eval_size, seed=1234))
+    return datasets.Dataset.from_list(make(data.train_size + data.eval_size, seed=1234))
 
 
-def load_sft_dataset(data_cfg: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
+def load_sft_dataset(data: DataSource, seed: int = 0) -> tuple[Any, Any]:
     """(train, eval) ``datasets.Dataset`` objects with ``prompt`` and ``completion`` columns."""
-    if "synthetic" in data_cfg:
-        return _split(_synthetic(data_cfg, synthetic_sft), data_cfg)
-    prompt_cols = list(data_cfg.get("prompt_columns", ["prompt"]))
-    completion_col = str(data_cfg.get("completion_column", "completion"))
-    raw = _rows_from_file(
-        data_cfg, {"prompt_columns": prompt_cols, "completion_column": [completion_col]}
-    )
+    if data.path is None:
+        return _split(_synthetic(data, synthetic_sft), data)
+    prompt_cols = data.prompt_columns
+    completion_col = data.completion_column
+    raw = _rows_from_file(data, data.columns(("prompt_columns", "completion_column")))
 
     def to_pair(row: dict[str, Any]) -> dict[str, str]:
         prompt = "\n".join(str(row[c]) for c in prompt_cols if row[c])
         return {"prompt": prompt, "completion": " " + str(row[completion_col])}
 
-    return _split(raw.map(to_pair, remove_columns=raw.column_names), data_cfg)
+    return _split(raw.map(to_pair, remove_columns=raw.column_names), data)
 
 
-def load_text_dataset(data_cfg: dict[str, Any]) -> tuple[Any, Any]:
+def load_text_dataset(data: DataSource) -> tuple[Any, Any]:
     """(train, eval) with one ``text`` column: raw text for the pretraining proxy."""
-    if "synthetic" in data_cfg:
+    if data.path is None:
         table = _synthetic(
-            data_cfg,
+            data,
             lambda n, seed: [
                 {"text": r["prompt"] + r["completion"]} for r in synthetic_sft(n, seed)
             ],
         )
-        return _split(table, data_cfg)
-    col = str(data_cfg.get("text_column", "text"))
-    raw = _rows_from_file(data_cfg, {"text_column": [col]})
+        return _split(table, data)
+    col = data.text_column
+    raw = _rows_from_file(data, data.columns(("text_column",)))
     table = raw.map(lambda row: {"text": str(row[col])}, remove_columns=raw.column_names)
-    return _split(table, data_cfg)
+    return _split(table, data)
 
 
-def load_preference_dataset(data_cfg: dict[str, Any]) -> tuple[Any, Any]:
+def load_preference_dataset(data: DataSource) -> tuple[Any, Any]:
     """(train, eval) with ``prompt``, ``chosen`` and ``rejected`` columns.
 
-    Without ``prompt_columns`` the prompt is split off the shared start of the chosen and
-    rejected texts (``split_shared_prompt``), which is how hh-rlhf stores its pairs.
+    With no ``prompt_columns`` (DPO's default) the prompt is split off the shared start of
+    the chosen and rejected texts (``split_shared_prompt``), which is how hh-rlhf stores
+    its pairs.
     """
-    if "synthetic" in data_cfg:
-        return _split(_synthetic(data_cfg, synthetic_preferences), data_cfg)
-    chosen = str(data_cfg.get("chosen_column", "chosen"))
-    rejected = str(data_cfg.get("rejected_column", "rejected"))
-    columns = {"chosen_column": [chosen], "rejected_column": [rejected]}
-    prompt_cols = data_cfg.get("prompt_columns")
-    if prompt_cols is not None:
-        columns["prompt_columns"] = list(prompt_cols)
-    raw = _rows_from_file(data_cfg, columns)
+    if data.path is None:
+        return _split(_synthetic(data, synthetic_preferences), data)
+    chosen, rejected = data.chosen_column, data.rejected_column
+    prompt_cols = data.prompt_columns
+    raw = _rows_from_file(
+        data, data.columns(("prompt_columns", "chosen_column", "rejected_column"))
+    )
 
     def to_triple(row: dict[str, Any]) -> dict[str, str]:
-        if prompt_cols is not None:
+        if prompt_cols:
             prompt = "\n".join(str(row[c]) for c in prompt_cols if row[c])
             return {"prompt": prompt, "chosen": str(row[chosen]), "rejected": str(row[rejected])}
         p, c, r = split_shared_prompt(str(row[chosen]), str(row[rejected]))
@@ -183,4 +178,4 @@ def load_preference_dataset(data_cfg: dict[str, Any]) -> tuple[Any, Any]:
     table = table.filter(lambda row: bool(row["prompt"] and row["chosen"] and row["rejected"]))
     if len(table) < 2:
         raise ValueError("runner.data: fewer than 2 usable preference pairs in the file")
-    return _split(table, data_cfg)
+    return _split(table, data)

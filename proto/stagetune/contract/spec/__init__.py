@@ -8,8 +8,9 @@ so a spec that did not come through the CLI gets the same checks. ``spec_to_prot
 ``spec_from_proto`` convert to and from ``stagetune.v1.StudySpec``.
 
 One module per job: ``model`` (the dataclasses), ``strict_yaml`` (the reader),
-``parsing`` (mapping -> spec), ``validation`` (ranges and cross-field rules), ``wire``
-(spec <-> proto); ``fields`` holds the one-field readers they share. Import from here.
+``parsing`` (mapping -> spec), ``runner`` (the runner section, typed), ``validation``
+(ranges and cross-field rules), ``wire`` (spec <-> proto); ``fields`` holds the one-field
+readers they share. Import from here.
 """
 
 from stagetune.contract.spec.model import (
@@ -30,6 +31,13 @@ from stagetune.contract.spec.model import (
     WarmStartSpec,
 )
 from stagetune.contract.spec.parsing import load_spec_file, spec_from_mapping
+from stagetune.contract.spec.runner import (
+    DataSource,
+    ModelSource,
+    RunnerSettings,
+    parse_runner,
+    parse_training,
+)
 from stagetune.contract.spec.strict_yaml import MAX_SPEC_BYTES, read_yaml_file
 from stagetune.contract.spec.validation import (
     LIMITS,
@@ -61,6 +69,11 @@ __all__ = [
     "SamplerConfig",
     "BudgetSpec",
     "StudySpec",
+    "ModelSource",
+    "DataSource",
+    "RunnerSettings",
+    "parse_runner",
+    "parse_training",
     "MAX_SPEC_BYTES",
     "MAX_MAGNITUDE",
     "read_yaml_file",

@@ -6,13 +6,12 @@ the metric catalog. The first bad field raises ``InvalidArgument`` naming it
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stagetune.contract.datafiles import SUFFIXES, columns_of, required_columns
+from stagetune.contract.datafiles import SUFFIXES, columns_of
 from stagetune.contract.errors import InvalidArgument
-from stagetune.contract.spec.fields import as_mapping, as_number, check_finite, check_known
+from stagetune.contract.spec.fields import as_mapping, check_finite
 from stagetune.contract.spec.model import (
     SAMPLERS,
     CategoricalParam,
@@ -22,7 +21,8 @@ from stagetune.contract.spec.model import (
     ParamValue,
     StudySpec,
 )
-from stagetune.contract.stages import REWARD_FUNCTIONS, RUNNER_KEYS, STAGES, ParamDef
+from stagetune.contract.spec.runner import DataSource, RunnerSettings, parse_runner
+from stagetune.contract.stages import STAGES, ParamDef
 from stagetune.objectives.catalog import METRICS
 
 __all__ = ["MAX_MAGNITUDE", "LIMITS", "check_bounded", "check_count", "validate_spec"]
@@ -54,18 +54,6 @@ def check_count(n: int, limit: int, where: str) -> None:
     """A list of ``n`` entries where at most ``limit`` are allowed."""
     if n > limit:
         raise InvalidArgument(where, f"has {n} entries; the limit is {limit}")
-
-
-def _of_kind(value: Any, kind: str) -> bool:
-    """Whether ``value`` is a value of a knob of this kind (an int is a float, a bool is
-    not a number)."""
-    if isinstance(value, bool):
-        return kind == "bool"
-    if kind == "float":
-        return isinstance(value, (int, float))
-    if kind == "int":
-        return isinstance(value, int)
-    return kind == "str" and isinstance(value, str)
 
 
 def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
@@ -115,7 +103,7 @@ def _validate_param(p: ParamSpec, knob: ParamDef) -> None:
             seen.add(key)
             if isinstance(c, float):
                 check_finite(c, f"{where}.choices[{i}]")
-            if not _of_kind(c, kind):
+            if not knob.of_kind(c):
                 raise InvalidArgument(
                     f"{where}.choices[{i}]", f"{p.name} takes {kind} values, got {c!r}"
                 )
@@ -214,80 +202,32 @@ def validate_spec(spec: StudySpec) -> None:
 
 
 def _validate_runner(spec: StudySpec) -> None:
-    stage = STAGES[spec.stage]
-    runner = spec.runner
-    check_known(runner, set(RUNNER_KEYS), "runner")
-    model = as_mapping(runner.get("model"), "runner.model")
-    if ("name_or_path" in model) == ("tiny" in model):
-        raise InvalidArgument("runner.model", "needs exactly one of name_or_path or tiny")
-    check_known(model, {"name_or_path", "tiny"}, "runner.model")
-    if "tiny" in model:
-        tiny = as_mapping(model["tiny"], "runner.model.tiny")
-        check_known(
-            tiny,
-            {"hidden_size", "num_layers", "num_heads", "intermediate_size"},
-            "runner.model.tiny",
-        )
-        for key, value in tiny.items():
-            if as_number(value, f"runner.model.tiny.{key}", int) < 1:
-                raise InvalidArgument(f"runner.model.tiny.{key}", "must be >= 1")
-    elif not isinstance(model["name_or_path"], str) or not model["name_or_path"]:
-        raise InvalidArgument("runner.model.name_or_path", "must be a non-empty string")
-    data = as_mapping(runner.get("data"), "runner.data")
-    if ("synthetic" in data) == ("path" in data):
-        raise InvalidArgument("runner.data", "needs exactly one of synthetic or path")
-    column_keys = set(stage.data_columns)
-    check_known(data, {"synthetic", "path", "train_size", "eval_size"} | column_keys, "runner.data")
-    if "synthetic" in data and data["synthetic"] != "arithmetic":
-        raise InvalidArgument("runner.data.synthetic", "the synthetic task is 'arithmetic'")
-    if "path" in data and (not isinstance(data["path"], str) or not data["path"]):
-        raise InvalidArgument("runner.data.path", "must be a non-empty string")
-    for key in column_keys & set(data):
-        value = data[key]
-        names = value if key == "prompt_columns" else [value]
-        if (
-            not isinstance(names, list)
-            or not names
-            or not all(isinstance(c, str) and c for c in names)
-        ):
-            want = "a non-empty list of column names" if key == "prompt_columns" else "a name"
-            raise InvalidArgument(f"runner.data.{key}", f"must be {want}")
-    for key in ("train_size", "eval_size"):
-        if key in data and as_number(data[key], f"runner.data.{key}", int) < 1:
-            raise InvalidArgument(f"runner.data.{key}", "must be >= 1")
-    if "path" in data:
-        _check_data_file(stage.data_columns, data)
-    training = as_mapping(runner.get("training"), "runner.training")
-    check_known(training, set(stage.training_keys), "runner.training")
-    for key, value in training.items():
-        _check_fixed(spec.stage, key, value)
-    if "processes" in runner and as_number(runner["processes"], "runner.processes", int) < 1:
-        raise InvalidArgument("runner.processes", "must be >= 1")
-    if "save_model" in runner and not isinstance(runner["save_model"], bool):
-        raise InvalidArgument("runner.save_model", "must be true or false")
+    runner = parse_runner(spec.stage, spec.runner)
+    if runner.data.path is not None:
+        _check_data_file(spec.stage, runner.data)
     if spec.stage == "grpo":
-        _check_generation_batch(spec)
+        _check_generation_batch(spec, runner)
 
 
-def _values(spec: StudySpec, name: str) -> list[Any] | None:
+def _values(spec: StudySpec, runner: RunnerSettings, name: str) -> list[Any] | None:
     """Every value ``name`` can take in this study: its choices, its fixed value, or None
     when it is a range or left to the runner's default."""
     for p in spec.search_space:
         if p.name == name:
             return list(p.choices) if isinstance(p, CategoricalParam) else None
-    training = spec.runner.get("training", {})
-    return [training[name]] if name in training else None
+    fixed = as_mapping(spec.runner.get("training"), "runner.training")
+    return [getattr(runner.training, name)] if name in fixed else None
 
 
-def _check_generation_batch(spec: StudySpec) -> None:
+def _check_generation_batch(spec: StudySpec, runner: RunnerSettings) -> None:
     """GRPO samples num_generations completions per prompt: every batch of completions
     (micro-batch x processes x accumulation) must hold whole groups."""
-    batches = _values(spec, "per_device_train_batch_size")
-    groups = _values(spec, "num_generations")
-    accum = _values(spec, "gradient_accumulation_steps")
+    batches = _values(spec, runner, "per_device_train_batch_size")
+    groups = _values(spec, runner, "num_generations")
+    accum = _values(spec, runner, "gradient_accumulation_steps")
     if batches is None or groups is None or (accum is not None and len(accum) != 1):
         return
-    scale = int(spec.runner.get("processes", 1)) * (int(accum[0]) if accum else 1)
+    scale = (runner.processes or 1) * (int(accum[0]) if accum else 1)
     for b in batches:
         for g in groups:
             if (int(b) * scale) % int(g):
@@ -298,34 +238,11 @@ def _check_generation_batch(spec: StudySpec) -> None:
                 )
 
 
-def _check_fixed(stage_name: str, key: str, value: Any) -> None:
-    """A fixed value under ``runner.training`` has the knob's kind and a valid value."""
-    where = f"runner.training.{key}"
-    knob = STAGES[stage_name].knob(key)
-    assert knob is not None
-    if key == "reward_functions":
-        names = value.split(",") if isinstance(value, str) else value
-        if not isinstance(names, list) or not names:
-            raise InvalidArgument(where, "must be a list of reward function names")
-        for name in names:
-            if name not in REWARD_FUNCTIONS:
-                raise InvalidArgument(
-                    where, f"unknown reward function {name!r}; one of {sorted(REWARD_FUNCTIONS)}"
-                )
-        return
-    if not _of_kind(value, knob.kind):
-        raise InvalidArgument(where, f"takes a {knob.kind} value, got {value!r}")
-    if isinstance(value, float):
-        check_finite(value, where)
-    why = knob.check(value)
-    if why is not None:
-        raise InvalidArgument(where, why)
-
-
-def _check_data_file(stage_columns: dict[str, str], data: Mapping[str, Any]) -> None:
+def _check_data_file(stage: str, data: DataSource) -> None:
     """Refuse a mapped column the file lacks. A path this process cannot see (a worker's
     own disk) is checked by the worker instead, naming the same field."""
-    path = Path(data["path"])
+    assert data.path is not None
+    path = Path(data.path)
     if not path.is_dir() and not any(path.name.endswith(s) for s in SUFFIXES):
         raise InvalidArgument(
             "runner.data.path", f"{path.name}: expected a folder or one of {list(SUFFIXES)}"
@@ -338,7 +255,7 @@ def _check_data_file(stage_columns: dict[str, str], data: Mapping[str, Any]) -> 
         raise InvalidArgument("runner.data.path", f"cannot read {path.name}: {e}") from None
     if columns is None:
         return
-    for key, names in required_columns(stage_columns, dict(data)).items():
+    for key, names in data.columns(STAGES[stage].data_columns).items():
         for name in names:
             if name not in columns:
                 raise InvalidArgument(

@@ -7,6 +7,7 @@ way for every stage; a stage adds only its quality metric.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,9 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from stagetune.contract.packaged import packaged_path
+from stagetune.contract.spec import ModelSource, RunnerSettings, parse_runner
+from stagetune.contract.training import TrainingSettings
 from stagetune.objectives.measure import (
     FIXED_PROMPTS,
     DeviceClock,
@@ -29,7 +32,6 @@ from stagetune.trainer.rungs import Reporter, RungCallback
 from stagetune.trainer.tiny_model import default_cache_dir, ensure_model
 
 __all__ = [
-    "COMMON_DEFAULTS",
     "Trial",
     "deepspeed_config",
     "greedy_completions",
@@ -37,41 +39,26 @@ __all__ = [
     "resolve_model_path",
 ]
 
-COMMON_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3,
-    "warmup_ratio": 0.0,
-    "weight_decay": 0.0,
-    "lr_scheduler_type": "linear",
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "max_length": 64,
-    "zero_stage": 0,
-    "gradient_checkpointing": False,
-    "mixed_precision": "no",
-}
-
-
+S = TypeVar("S", bound=TrainingSettings)
 _URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:", "file:")
 
 
-def deepspeed_config(cfg: dict[str, Any]) -> str | None:
+def deepspeed_config(training: TrainingSettings) -> str | None:
     """The DeepSpeed JSON for these settings: a config of the team's own, or ZeRO-N."""
-    if cfg.get("deepspeed_config"):
-        path = Path(str(cfg["deepspeed_config"]))
+    if training.deepspeed_config:
+        path = Path(training.deepspeed_config)
         if not path.exists():
             raise ValueError(f"runner.training.deepspeed_config: {path} does not exist")
         return str(path)
-    stage = int(cfg.get("zero_stage", 0))
-    if stage == 0:
+    if training.zero_stage == 0:
         return None
     try:
-        return str(packaged_path(f"deepspeed/zero{stage}.json"))
+        return str(packaged_path(f"deepspeed/zero{training.zero_stage}.json"))
     except FileNotFoundError as e:
         raise ValueError(f"runner.training.zero_stage: {e}") from None
 
 
-def resolve_model_path(model_cfg: dict[str, Any], cache: Path) -> str:
+def resolve_model_path(model: ModelSource, cache: Path) -> str:
     """A local folder ``from_pretrained`` can load for ``runner.model``.
 
     ``tiny`` builds (once) a tiny model in the cache; an MLflow artifact URI (``runs:/ID/
@@ -79,9 +66,9 @@ def resolve_model_path(model_cfg: dict[str, Any], cache: Path) -> str:
     from the tracking server in ``MLFLOW_TRACKING_URI``; anything else is a local path or a
     hub id, passed as is.
     """
-    name = model_cfg.get("name_or_path")
-    if not isinstance(name, str) or not name.startswith(_URI_SCHEMES):
-        return ensure_model(model_cfg, cache)
+    name = model.name_or_path
+    if name is None or not name.startswith(_URI_SCHEMES):
+        return ensure_model(model.as_mapping(), cache)
     import mlflow
 
     key = hashlib.sha256(name.encode()).hexdigest()[:16]
@@ -200,29 +187,31 @@ def _reference(trainer: Any) -> str:
     return "none"
 
 
-class Trial:
+class Trial(Generic[S]):
     """One trial of any stage, from model loading to the final measurements.
 
-    Use as a context manager: the device clock runs from entry (model loading included) to
-    the final measurement. ``train`` runs a built Trainer and returns the TrialResult.
+    ``runner`` is the study's runner section, typed, with the trial's params applied to
+    its training settings; ``settings`` is that training part as the stage's own class
+    (``settings_type``). Use as a context manager: the device clock runs from entry
+    (model loading included) to the final measurement. ``train`` runs a built Trainer
+    and returns the TrialResult.
     """
 
-    def __init__(self, a: Assignment, reporter: Reporter, defaults: dict[str, Any]) -> None:
+    def __init__(self, a: Assignment, reporter: Reporter, settings_type: type[S]) -> None:
         self.a = a
         self.reporter = reporter
         self.world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's, before init
-        self.cfg: dict[str, Any] = {
-            **COMMON_DEFAULTS,
-            **defaults,
-            **a.runner.get("training", {}),
-            **a.params,
-        }
-        cache = a.runner.get("cache_dir")
+        self.runner: RunnerSettings = parse_runner(a.stage, a.runner, a.params)
+        training = self.runner.training
+        if not isinstance(training, settings_type):
+            raise TypeError(f"stage {a.stage!r} has no {settings_type.__name__}")
+        self.settings: S = training
+        cache = self.runner.cache_dir
         self.cache = Path(cache) if cache else default_cache_dir()
         self.clock = DeviceClock(devices=max(1, self.world))
         self.callback: RungCallback | None = None
 
-    def __enter__(self) -> Trial:
+    def __enter__(self) -> Trial[S]:
         self.clock.__enter__()
         return self
 
@@ -237,7 +226,7 @@ class Trial:
     # ------------------------------------------------------------ building blocks
 
     def model_path(self) -> str:
-        return resolve_model_path(self.a.runner["model"], self.cache)
+        return resolve_model_path(self.runner.model, self.cache)
 
     def load_model(self, keep_adapter: bool = False) -> tuple[Any, Any]:
         return load_model(self.model_path(), keep_adapter)
@@ -246,25 +235,24 @@ class Trial:
         """Keyword arguments every stage's TrainingArguments subclass takes."""
         import torch
 
-        cfg = self.cfg
-        precision = str(cfg["mixed_precision"])
+        cfg = self.settings
         ds = deepspeed_config(cfg)
         if ds is not None and not torch.cuda.is_available():
             _deepspeed_on_cpu()
         return {
             "output_dir": self.a.output_dir,
             "max_steps": self.a.rung_steps[-1],
-            "learning_rate": float(cfg["learning_rate"]),
-            "per_device_train_batch_size": int(cfg["per_device_train_batch_size"]),
-            "per_device_eval_batch_size": int(cfg["per_device_eval_batch_size"]),
-            "gradient_accumulation_steps": int(cfg["gradient_accumulation_steps"]),
-            "warmup_steps": float(cfg["warmup_ratio"]),  # a float < 1 is a ratio
-            "weight_decay": float(cfg["weight_decay"]),
-            "lr_scheduler_type": str(cfg["lr_scheduler_type"]),
+            "learning_rate": cfg.learning_rate,
+            "per_device_train_batch_size": cfg.per_device_train_batch_size,
+            "per_device_eval_batch_size": cfg.per_device_eval_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "warmup_steps": cfg.warmup_ratio,  # a float < 1 is a ratio
+            "weight_decay": cfg.weight_decay,
+            "lr_scheduler_type": cfg.lr_scheduler_type,
             # The new name wins over trl's default gradient_checkpointing=True.
-            "activation_checkpointing": bool(cfg["gradient_checkpointing"]),
-            "bf16": precision == "bf16",  # explicit: trl's configs default to bf16
-            "fp16": precision == "fp16",
+            "activation_checkpointing": cfg.gradient_checkpointing,
+            "bf16": cfg.mixed_precision == "bf16",  # explicit: trl's configs default to bf16
+            "fp16": cfg.mixed_precision == "fp16",
             "deepspeed": ds,
             "eval_strategy": "no",  # the rung callback asks for evaluations
             "save_strategy": "no",
@@ -325,7 +313,7 @@ class Trial:
         final["ttft_ms"] = latency.ttft_ms
         seen = float(trainer.state.num_input_tokens_seen)
         final["tokens_per_second"] = seen / train_seconds if train_seconds > 0 else 0.0
-        if self.a.runner.get("save_model"):
+        if self.runner.save_model:
             self._save(net, tokenizer)
         final["peak_memory_mb"] = peak_memory_mb()
         # One reading of the running clock, so the cost is exactly wall time x devices.
@@ -353,7 +341,7 @@ class Trial:
             "rank": process_rank(),
             "deepspeed_zero_stage": plugin.zero_stage if plugin is not None else 0,
             "world_size": self.world,
-            "settings": self.cfg,
+            "settings": dataclasses.asdict(self.settings),
             "param_checksum": checksum,
             "steps": int(trainer.state.global_step),
             "reference": _reference(trainer),

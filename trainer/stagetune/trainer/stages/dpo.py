@@ -11,16 +11,13 @@ chosen above rejected) and the mean reward margin, at every rung.
 
 from __future__ import annotations
 
-from typing import Any
-
+from stagetune.contract.training import DPOTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.common import Trial
 from stagetune.trainer.tasks import load_preference_dataset
 
-__all__ = ["run_dpo", "DEFAULTS", "METRIC_MAP"]
-
-DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "beta": 0.1, "loss_type": "sigmoid"}
+__all__ = ["run_dpo", "METRIC_MAP"]
 
 #: DPOTrainer's evaluation keys -> stagetune metric names.
 METRIC_MAP = {"eval_rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "reward_margin"}
@@ -29,16 +26,16 @@ METRIC_MAP = {"eval_rewards/accuracies": "reward_accuracy", "eval_rewards/margin
 def run_dpo(a: Assignment, reporter: Reporter) -> TrialResult:
     from trl import DPOConfig, DPOTrainer  # type: ignore[attr-defined]
 
-    with Trial(a, reporter, DEFAULTS) as t:
+    with Trial(a, reporter, DPOTraining) as t:
         model, tokenizer = t.load_model(keep_adapter=True)
-        train, evals = load_preference_dataset(a.runner.get("data", {"synthetic": "arithmetic"}))
-        loss = str(t.cfg["loss_type"])
+        train, evals = load_preference_dataset(t.runner.data)
+        loss = t.settings.loss_type
         args = DPOConfig(
             **t.training_args(),
-            beta=float(t.cfg["beta"]),
+            beta=t.settings.beta,
             loss_type=[loss],
             label_smoothing=1e-3 if loss == "exo_pair" else 0.0,  # exo_pair needs > 0
-            max_length=int(t.cfg["max_length"]),
+            max_length=t.settings.max_length,
         )
         trainer = DPOTrainer(
             model=model,

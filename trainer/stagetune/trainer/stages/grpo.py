@@ -1,5 +1,6 @@
 """The GRPO stage: online RL with trl's GRPOTrainer and reward functions named in the
-config (``runner.training.reward_functions``, from ``stagetune.contract.stages.REWARD_FUNCTIONS``).
+config (``runner.training.reward_functions``; the names are
+``stagetune.contract.training.REWARD_FUNCTIONS``).
 
 Quality: the mean reward of greedy completions of held-out prompts, measured at every rung
 by the same reward functions the policy is trained on (summed, as trl sums them).
@@ -7,24 +8,16 @@ by the same reward functions the policy is trained on (summed, as trl sums them)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from stagetune.contract.training import GRPOTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.common import Trial, greedy_completions
 from stagetune.trainer.tasks import answer_of, load_sft_dataset
 
-__all__ = ["run_grpo", "DEFAULTS", "REWARDS", "reward_functions"]
-
-DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3,
-    "beta": 0.04,
-    "num_generations": 4,
-    "temperature": 1.0,
-    "max_completion_length": 8,
-    "reward_functions": "exact_match,has_number",
-}
+__all__ = ["run_grpo", "REWARDS", "reward_functions"]
 
 Reward = Callable[..., list[float | None]]
 
@@ -46,8 +39,8 @@ def has_number(completions: list[str], **_: Any) -> list[float | None]:
 REWARDS: dict[str, Reward] = {"exact_match": exact_match, "has_number": has_number}
 
 
-def reward_functions(names: str | list[str]) -> list[Reward]:
-    chosen = names.split(",") if isinstance(names, str) else list(names)
+def reward_functions(names: Sequence[str]) -> list[Reward]:
+    chosen = list(names)
     unknown = [n for n in chosen if n not in REWARDS]
     if unknown:
         raise ValueError(
@@ -73,33 +66,32 @@ def mean_reward(
 def run_grpo(a: Assignment, reporter: Reporter) -> TrialResult:
     from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
-    with Trial(a, reporter, DEFAULTS) as t:
-        cfg = t.cfg
-        rewards = reward_functions(cfg["reward_functions"])
-        generations = int(cfg["num_generations"])
-        batch = int(cfg["per_device_train_batch_size"]) * t.world
-        batch *= int(cfg["gradient_accumulation_steps"])
+    with Trial(a, reporter, GRPOTraining) as t:
+        cfg = t.settings
+        rewards = reward_functions(cfg.reward_functions)
+        generations = cfg.num_generations
+        batch = cfg.per_device_train_batch_size * t.world * cfg.gradient_accumulation_steps
         if batch % generations:
             raise ValueError(
                 f"num_generations: {generations} does not divide the generation batch "
                 f"{batch} (per_device_train_batch_size x processes x gradient_accumulation_steps)"
             )
         model, tokenizer = t.load_model(keep_adapter=True)
-        pairs, held_out = load_sft_dataset(a.runner.get("data", {"synthetic": "arithmetic"}))
+        pairs, held_out = load_sft_dataset(t.runner.data)
 
         def with_answer(row: dict[str, str]) -> dict[str, str]:
             return {"prompt": row["prompt"], "answer": answer_of(row["completion"]) or ""}
 
         train = pairs.map(with_answer, remove_columns=pairs.column_names)
         evals = held_out.map(with_answer, remove_columns=held_out.column_names)
-        new_tokens = int(cfg["max_completion_length"])
+        new_tokens = cfg.max_completion_length
         # GRPOTrainer counts prompt + completion tokens itself; the Trainer's count would
         # look for input_ids in batches that have none.
         args = GRPOConfig(
             **{**t.training_args(), "include_num_input_tokens_seen": "no"},
-            beta=float(cfg["beta"]),
+            beta=cfg.beta,
             num_generations=generations,
-            temperature=float(cfg["temperature"]),
+            temperature=cfg.temperature,
             max_completion_length=new_tokens,
         )
         policy: list[Any] = []

@@ -9,30 +9,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from stagetune.contract.training import PretrainProxyTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.common import Trial
 from stagetune.trainer.tasks import load_text_dataset
 
-__all__ = ["run_pretrain_proxy", "DEFAULTS", "proxy_config"]
-
-DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "head_dim": 16, "mlp_ratio": 2.0}
+__all__ = ["run_pretrain_proxy", "proxy_config"]
 
 
-def proxy_config(base: Any, cfg: dict[str, Any]) -> Any:
-    """The base config with the trial's width and depth (heads keep ``head_dim``)."""
-    hidden = int(cfg.get("hidden_size", base.hidden_size))
-    head_dim = int(cfg["head_dim"])
+def proxy_config(base: Any, settings: PretrainProxyTraining) -> Any:
+    """The base config with the trial's width and depth (heads keep ``head_dim``); an unset
+    width or depth is the base model's."""
+    hidden = settings.hidden_size if settings.hidden_size is not None else base.hidden_size
+    head_dim = settings.head_dim
     if hidden % head_dim:
         raise ValueError(f"hidden_size: {hidden} is not a multiple of head_dim {head_dim}")
     config = base.__class__.from_dict(base.to_dict())
     config.hidden_size = hidden
-    config.num_hidden_layers = int(cfg.get("num_layers", base.num_hidden_layers))
+    if settings.num_layers is not None:
+        config.num_hidden_layers = settings.num_layers
     config.num_attention_heads = hidden // head_dim
     config.num_key_value_heads = hidden // head_dim
     if hasattr(config, "head_dim"):
         config.head_dim = head_dim
-    config.intermediate_size = int(round(hidden * float(cfg["mlp_ratio"])))
+    config.intermediate_size = int(round(hidden * settings.mlp_ratio))
     return config
 
 
@@ -47,15 +48,15 @@ def run_pretrain_proxy(a: Assignment, reporter: Reporter) -> TrialResult:
         TrainingArguments,
     )
 
-    with Trial(a, reporter, DEFAULTS) as t:
+    with Trial(a, reporter, PretrainProxyTraining) as t:
         path = t.model_path()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        config = proxy_config(AutoConfig.from_pretrained(path), t.cfg)
+        config = proxy_config(AutoConfig.from_pretrained(path), t.settings)
         torch.manual_seed(a.seed)
         model = AutoModelForCausalLM.from_config(config)
-        max_length = int(t.cfg["max_length"])
+        max_length = t.settings.max_length
 
         def tokenize(batch: dict[str, list[str]]) -> Any:
             return tokenizer(
@@ -64,7 +65,7 @@ def run_pretrain_proxy(a: Assignment, reporter: Reporter) -> TrialResult:
                 max_length=max_length,
             )
 
-        train, evals = load_text_dataset(a.runner.get("data", {"synthetic": "arithmetic"}))
+        train, evals = load_text_dataset(t.runner.data)
         train = train.map(tokenize, batched=True, remove_columns=train.column_names)
         evals = evals.map(tokenize, batched=True, remove_columns=evals.column_names)
         trainer = Trainer(

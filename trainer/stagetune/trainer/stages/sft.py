@@ -6,16 +6,18 @@ answers, exact-match accuracy of greedy answers.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from stagetune.contract.training import SFTTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.common import Trial, greedy_completions
 from stagetune.trainer.tasks import answer_of, load_sft_dataset
 
-__all__ = ["run_sft", "run_sft_like", "exact_match", "DEFAULTS"]
+__all__ = ["run_sft", "run_sft_like", "exact_match"]
 
-DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3}
+S = TypeVar("S", bound=SFTTraining)
 
 
 def exact_match(model: Any, tokenizer: Any, eval_rows: Any, limit: int = 16) -> float | None:
@@ -30,22 +32,25 @@ def exact_match(model: Any, tokenizer: Any, eval_rows: Any, limit: int = 16) -> 
 
 
 def run_sft_like(
-    a: Assignment, reporter: Reporter, defaults: dict[str, Any], peft_config: Any = None
+    a: Assignment,
+    reporter: Reporter,
+    settings_type: type[S],
+    peft_config: Callable[[S], Any] | None = None,
 ) -> TrialResult:
     """SFTTrainer on prompt/completion pairs; with ``peft_config`` it trains an adapter."""
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
-    with Trial(a, reporter, defaults) as t:
+    with Trial(a, reporter, settings_type) as t:
         model, tokenizer = t.load_model()
-        train, evals = load_sft_dataset(a.runner.get("data", {"synthetic": "arithmetic"}), a.seed)
-        args = SFTConfig(**t.training_args(), max_length=int(t.cfg["max_length"]))
+        train, evals = load_sft_dataset(t.runner.data, a.seed)
+        args = SFTConfig(**t.training_args(), max_length=t.settings.max_length)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train,
             eval_dataset=evals,
             processing_class=tokenizer,
-            peft_config=peft_config(t.cfg) if peft_config is not None else None,
+            peft_config=peft_config(t.settings) if peft_config is not None else None,
             callbacks=[t.rung_callback()],
         )
         kept: list[tuple[str, Any]] = [
@@ -56,7 +61,7 @@ def run_sft_like(
             if len(rows) == 0:  # trl drops pairs whose completion is cut off entirely
                 raise ValueError(
                     f"runner.training.max_length: every {name} example's completion lies "
-                    f"beyond {t.cfg['max_length']} tokens; raise max_length"
+                    f"beyond {t.settings.max_length} tokens; raise max_length"
                 )
         return t.train(
             trainer,
@@ -66,4 +71,4 @@ def run_sft_like(
 
 
 def run_sft(a: Assignment, reporter: Reporter) -> TrialResult:
-    return run_sft_like(a, reporter, DEFAULTS)
+    return run_sft_like(a, reporter, SFTTraining)
