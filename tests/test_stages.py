@@ -11,17 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from stagetune.contract.client import StudyClient
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.spec import (
     load_spec_file,
     parse_runner,
     spec_from_mapping,
-    spec_to_proto,
     validate_spec,
 )
 from stagetune.contract.stages import STAGES
-from stagetune.server.app import StagetuneServer
 from stagetune.trainer.assignment import Assignment
 from stagetune.trainer.rungs import NullReporter
 from stagetune.trainer.tasks import split_shared_prompt
@@ -106,23 +103,6 @@ def test_bad_stage_configs_are_refused_naming_the_field(stage: str, edit: Any, f
     with pytest.raises(InvalidArgument) as err:
         validate_spec(spec_from_mapping(data))
     assert err.value.field == field
-
-
-def test_a_missing_data_column_is_refused_at_submit_time_by_the_server(
-    server: StagetuneServer, tmp_path: Path
-) -> None:
-    path = tmp_path / "pairs.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        f.write(json.dumps({"good": "a", "bad": "b"}) + "\n")
-    data = config("dpo")
-    data["runner"]["data"] = {"path": str(path), "chosen_column": "good"}  # rejected: default
-    msg = spec_to_proto(spec_from_mapping(data))  # straight to the server, no client checks
-    with StudyClient(server.address, timeout=10, retries=0) as client:
-        with pytest.raises(InvalidArgument) as err:
-            client.create_study(msg)
-        assert err.value.field == "runner.data.rejected_column"
-        assert "'rejected' not in pairs.jsonl.gz" in err.value.message
-        assert client.list_studies() == []
 
 
 def test_hh_rlhf_pairs_split_at_the_last_assistant_turn() -> None:
@@ -289,7 +269,7 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
 ) -> None:
     import datasets
 
-    from stagetune.contract.datafiles import columns_of
+    from stagetune.contract.datafiles import check_data_files, columns_of
     from stagetune.trainer.tasks import load_sft_dataset
 
     rows = [{"q": f"What is {i} plus 1?", "a": str(i + 1), "noise": i} for i in range(20)]
@@ -315,7 +295,8 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
     data = config("sft")
     data["runner"]["data"] = cfg
     spec = spec_from_mapping(data)
-    validate_spec(spec)  # the submit-time column check reads it too
+    validate_spec(spec)
+    check_data_files(spec)  # what `stagetune submit` runs: it reads the file's columns too
     train, evals = load_sft_dataset(parse_runner("sft", spec.runner).data)
     assert (len(train), len(evals)) == (16, 4)
     assert train[0]["prompt"].startswith("What is") and train[0]["completion"].startswith(" ")

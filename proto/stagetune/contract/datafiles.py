@@ -1,9 +1,12 @@
-"""The columns of a local data file, read cheaply, so a study that maps a missing column is
-refused at submit time rather than when a worker first runs a trial.
+"""Checks of the data file a study names (``runner.data.path``), run where that file is
+meant to be: by ``stagetune submit`` on the submitting machine, and by the trial process
+on the worker before it loads a model. Never by the server: a spec is a client's request,
+and the server answers it the same whether or not a path names a file on the server's
+own disk (with auth on, that disk holds other teams' data).
 
-Reads only the head of a file: the first record of JSON/JSONL (plain or gzipped), the
-schema of a Parquet file, the features of a saved ``datasets`` folder. Imports nothing heavy
-(pyarrow only for Parquet).
+``columns_of`` reads only the head of a file: the first record of JSON/JSONL (plain or
+gzipped), the schema of a Parquet file, the features of a saved ``datasets`` folder.
+Imports nothing heavy (pyarrow only for Parquet).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["columns_of", "SUFFIXES"]
+from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec import DataSource, StudySpec, parse_runner
+from stagetune.contract.stages import STAGES
+
+__all__ = ["columns_of", "check_data_files", "check_data_source", "SUFFIXES"]
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 _HEAD_BYTES = 1 << 20
@@ -61,3 +68,41 @@ def columns_of(path: Path) -> set[str] | None:
     else:
         return None
     return set(record) if record is not None else None
+
+
+def check_data_files(spec: StudySpec) -> None:
+    """On the submitting machine: refuse a data file this machine has that lacks a
+    column the spec maps, or that is no data file, naming the ``runner.data`` field. A
+    path this machine does not have (a worker's own disk) is left to the worker."""
+    data = parse_runner(spec.stage, spec.runner).data
+    check_data_source(spec.stage, data, must_exist=False)
+
+
+def check_data_source(stage: str, data: DataSource, *, must_exist: bool) -> None:
+    """Refuse ``data``'s file (when it names one) if it is missing (``must_exist``), of an
+    unknown kind, or lacks a column the stage reads; ``InvalidArgument`` names the field.
+    A file whose columns cannot be told from its head passes (loading it checks again)."""
+    if data.path is None:
+        return
+    path = Path(data.path)
+    if not path.is_dir() and not any(path.name.endswith(s) for s in SUFFIXES):
+        raise InvalidArgument(
+            "runner.data.path", f"{path.name}: expected a folder or one of {list(SUFFIXES)}"
+        )
+    if not path.exists():
+        if must_exist:
+            raise InvalidArgument("runner.data.path", f"{path} does not exist")
+        return
+    try:
+        columns = columns_of(path)
+    except (OSError, ValueError) as e:
+        raise InvalidArgument("runner.data.path", f"cannot read {path.name}: {e}") from None
+    if columns is None:
+        return
+    for key, names in data.columns(STAGES[stage].data_columns).items():
+        for name in names:
+            if name not in columns:
+                raise InvalidArgument(
+                    f"runner.data.{key}",
+                    f"column {name!r} not in {path.name} (columns: {sorted(columns)})",
+                )

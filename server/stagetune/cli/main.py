@@ -83,9 +83,12 @@ def _study_client(args: argparse.Namespace) -> StudyClient:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from stagetune.contract.datafiles import check_data_files
+
     spec = load_spec_file(args.config)
     if args.name:
         spec = dataclasses.replace(spec, name=args.name)
+    check_data_files(spec)  # here, where the file is: the server never opens it
     with _study_client(args) as client:
         study, created = client.create_study(spec)
     if created:

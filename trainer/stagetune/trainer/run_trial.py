@@ -1,7 +1,8 @@
 """Entry point of a trial process: ``accelerate launch ... -m stagetune.trainer.run_trial FILE``.
 
 Every rank reads the same assignment file. Rank 0 writes the TrialResult the worker turns
-into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not as a crash.
+into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not as a crash,
+and a bad config (a data file without a mapped column) as one line naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from stagetune.contract.datafiles import check_data_source
+from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec import parse_runner
 from stagetune.contract.stages import STAGES
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port, process_rank
 from stagetune.trainer.rungs import GrpcReporter, NullReporter, Reporter
@@ -46,6 +50,19 @@ def _single_process_rendezvous() -> None:
         os.environ.setdefault(key, value)
 
 
+def _config_error(a: Assignment) -> str | None:
+    """What is wrong with the trial's runner section or params here, on this worker (its
+    data file missing, or lacking a mapped column), naming the field; None when nothing
+    is. Checked before any model loads, so a bad config fails the trial in a line, not a
+    traceback."""
+    try:
+        runner = parse_runner(a.stage, a.runner, a.params)
+        check_data_source(a.stage, runner.data, must_exist=True)
+    except InvalidArgument as e:
+        return e.message
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one stagetune trial (started by a worker).")
     parser.add_argument("assignment", type=Path, help="assignment JSON written by the worker")
@@ -60,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(a.result_path)
             )
         return 1
+    why = _config_error(a)
+    if why is not None:
+        if rank0:
+            TrialResult("error", reason=f"invalid config: {why}").write(Path(a.result_path))
+        return 2
     reporter: Reporter = (
         GrpcReporter(a.server, a.trial_id, a.worker_id) if a.server and rank0 else NullReporter()
     )

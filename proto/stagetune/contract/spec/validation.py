@@ -1,15 +1,17 @@
 """Validation: a parsed ``StudySpec`` checked completely, against the stage registry and
 the metric catalog. The first bad field raises ``InvalidArgument`` naming it
 (``search_space.learning_rate.low: must be > 0 when log is set``).
+
+Shape only: nothing here opens a file a spec names, so the server can run it on any
+request and its answer says nothing about its own disk. The data file is checked where it
+is meant to be, by ``stagetune.contract.datafiles.check_data_files``.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from stagetune.contract.datafiles import SUFFIXES, columns_of
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.spec.fields import as_mapping, check_finite
 from stagetune.contract.spec.model import (
@@ -21,7 +23,7 @@ from stagetune.contract.spec.model import (
     ParamValue,
     StudySpec,
 )
-from stagetune.contract.spec.runner import DataSource, RunnerSettings, parse_runner
+from stagetune.contract.spec.runner import RunnerSettings, parse_runner
 from stagetune.contract.stages import STAGES, ParamDef
 from stagetune.objectives.catalog import METRICS
 
@@ -203,8 +205,6 @@ def validate_spec(spec: StudySpec) -> None:
 
 def _validate_runner(spec: StudySpec) -> None:
     runner = parse_runner(spec.stage, spec.runner)
-    if runner.data.path is not None:
-        _check_data_file(spec.stage, runner.data)
     if spec.stage == "grpo":
         _check_generation_batch(spec, runner)
 
@@ -235,30 +235,4 @@ def _check_generation_batch(spec: StudySpec, runner: RunnerSettings) -> None:
                     "search_space.num_generations",
                     f"{g} completions per prompt do not divide a batch of {int(b) * scale} "
                     "(per_device_train_batch_size x processes x gradient_accumulation_steps)",
-                )
-
-
-def _check_data_file(stage: str, data: DataSource) -> None:
-    """Refuse a mapped column the file lacks. A path this process cannot see (a worker's
-    own disk) is checked by the worker instead, naming the same field."""
-    assert data.path is not None
-    path = Path(data.path)
-    if not path.is_dir() and not any(path.name.endswith(s) for s in SUFFIXES):
-        raise InvalidArgument(
-            "runner.data.path", f"{path.name}: expected a folder or one of {list(SUFFIXES)}"
-        )
-    if not path.exists():
-        return
-    try:
-        columns = columns_of(path)
-    except (OSError, ValueError) as e:
-        raise InvalidArgument("runner.data.path", f"cannot read {path.name}: {e}") from None
-    if columns is None:
-        return
-    for key, names in data.columns(STAGES[stage].data_columns).items():
-        for name in names:
-            if name not in columns:
-                raise InvalidArgument(
-                    f"runner.data.{key}",
-                    f"column {name!r} not in {path.name} (columns: {sorted(columns)})",
                 )
