@@ -1,4 +1,4 @@
-"""Auth, roles, tenancy and TLS on a live server: the matrix of issue 5, test 8.
+"""Auth, roles, tenancy and TLS on a live server: every role against both services, across teams.
 
 Tokens map to a team and a role; a missing or bad token is UNAUTHENTICATED, a worker token
 may not touch studies, another team's study is NOT_FOUND as if it did not exist, admins see

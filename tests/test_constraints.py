@@ -23,9 +23,9 @@ from stagetune.contract.spec import (
     spec_to_proto,
     validate_spec,
 )
-from stagetune.server import storage as st
+from stagetune.server import attributes as at
 from stagetune.server.app import StagetuneServer
-from stagetune.server.policy import constraint_values
+from stagetune.server.optuna_policy import constraint_values
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 
@@ -81,12 +81,12 @@ def test_the_sampler_sees_how_far_a_trial_is_outside_each_limit() -> None:
     spec = spec_from_mapping(lora(constraints=["peak_memory_mb <= 500", "exact_match >= 0.5"]))
     done = optuna.trial.create_trial(
         values=[1.0, 1.0, 1.0],
-        user_attrs={st.METRICS: {"peak_memory_mb": 650.0, "exact_match": 0.7}},
+        user_attrs={at.METRICS: {"peak_memory_mb": 650.0, "exact_match": 0.7}},
     )
     assert constraint_values(spec, done) == [150.0, 0.0]
     stopped = optuna.trial.create_trial(
         state=optuna.trial.TrialState.PRUNED,
-        user_attrs={f"{st.RUNG_PREFIX}8": {"metrics": {"peak_memory_mb": 420.0}, "time": 0}},
+        user_attrs={f"{at.RUNG_PREFIX}8": {"metrics": {"peak_memory_mb": 420.0}, "time": 0}},
     )
     assert constraint_values(spec, stopped) == [0.0, 0.0]  # unmeasured counts as met
 

@@ -228,17 +228,17 @@ def test_a_run_id_from_mlflow_waits_for_a_completion_under_way(
     """MLflow may answer with the trial's run id while the trial is completing: the run id
     waits for the study's lock and then finds the trial finished and frozen, so the
     completion's answer and its retry's stay the same."""
-    service = server.service
+    trials = server.trials
     with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
         sc.create_study(lora_spec)
         tid = wc.acquire("w1").trial.trial_id
         metrics = objective_metrics(2.0, 3.0, 500.0)
-        with service._lock(lora_spec.name):  # a completion under way holds it
-            late = threading.Thread(target=service._record_run_id, args=(tid, "late"))
+        with server.service.lock(lora_spec.name):  # a completion under way holds it
+            late = threading.Thread(target=trials._record_run_id, args=(tid, "late"))
             late.start()
             late.join(0.5)
             assert late.is_alive()  # the run id waits
-            done = service.complete(tid, "w1", metrics, request_id="c-1")
+            done = trials.complete(tid, "w1", metrics, request_id="c-1")
         late.join(10)
         assert done.mlflow_run_id == ""
         again = wc.complete(tid, "w1", metrics, request_id="c-1")
@@ -270,8 +270,8 @@ def test_a_completion_that_failed_after_storing_its_result_updates_the_front_on_
 def test_a_completion_half_written_before_a_crash_is_finished_by_its_retry(
     server: StagetuneServer, lora_spec: StudySpec
 ) -> None:
-    from stagetune.server import storage as st
-    from stagetune.server.service import _fingerprint
+    from stagetune.server.records import RequestAnswer
+    from stagetune.server.trial_service import _fingerprint
 
     with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
         sc.create_study(lora_spec)
@@ -280,9 +280,7 @@ def test_a_completion_half_written_before_a_crash_is_finished_by_its_retry(
         # What a server killed between its first and its last write leaves behind: the
         # request is recorded, the trial still RUNNING.
         payload = _fingerprint({"worker": "w1", "metrics": metrics})
-        server.store.set_trial_attrs(
-            tid, {st.REQUEST_PREFIX + "c-9": {"payload": payload, "answer": {}}}
-        )
+        server.store.record_request(tid, RequestAnswer("c-9", payload, {}))
         trial = wc.complete(tid, "w1", metrics, request_id="c-9")
         assert trial.state == pb.TRIAL_STATE_COMPLETE
         assert sc.get_study(lora_spec.name).counts.complete == 1

@@ -5,6 +5,13 @@ reflection) without serving; ``StagetuneServer.start()`` binds and serves;
 ``run_server(settings)`` serves until SIGTERM/SIGINT, then drains: health goes
 NOT_SERVING, in-flight calls get ``grace`` seconds to finish, the tracker flushes.
 
+The policy is handed in: ``make_server(settings, policy_factory=...)`` builds the server's
+``Policy`` from its store (server/policy.py); the default is ``OptunaPolicy``.
+
+A setting the server cannot use (a storage it cannot reach, a tracking URI MLflow refuses,
+a bad token file or certificate) stops the build with ``InvalidArgument`` naming the
+setting, before anything is served.
+
 Security is off by default (loopback, no tokens, no TLS) and the start banner says so.
 ``auth_file`` turns on bearer tokens, roles and tenancy (server/auth.py); ``tls_cert`` and
 ``tls_key`` serve TLS only; ``tls_client_ca`` also requires client certificates it signed.
@@ -26,12 +33,15 @@ from grpc_reflection.v1alpha import reflection
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.redact import redact_text
 from stagetune.server.auth import TokenTable, load_token_file
+from stagetune.server.database import default_storage_url
 from stagetune.server.interceptor import ErrorInterceptor
-from stagetune.server.policy import OptunaPolicy
+from stagetune.server.optuna_policy import OptunaPolicy
+from stagetune.server.policy import PolicyFactory
 from stagetune.server.service import StudyService
 from stagetune.server.servicer import StudyServicer, WorkerServicer
-from stagetune.server.storage import StudyStore, default_storage_url
+from stagetune.server.storage import StudyStore
 from stagetune.server.tracking import MlflowTracker, NullTracker, Tracker
+from stagetune.server.trial_service import TrialService
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import worker_service_pb2 as ws
@@ -112,7 +122,9 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
 class StagetuneServer:
     """A built server. ``start`` binds and serves; ``stop`` drains and closes everything."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self, settings: ServerSettings, policy_factory: PolicyFactory = OptunaPolicy
+    ) -> None:
         self.settings = settings
         # Security settings first: a bad token file or certificate fails before anything
         # is opened or written.
@@ -128,9 +140,8 @@ class StagetuneServer:
             if tracking_uri
             else NullTracker()
         )
-        self.service = StudyService(
-            self.store, OptunaPolicy(self.store), self.tracker, lease_seconds=settings.lease_seconds
-        )
+        self.service = StudyService(self.store, policy_factory(self.store), self.tracker)
+        self.trials = TrialService(self.service, lease_seconds=settings.lease_seconds)
         self.health = health.HealthServicer()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
@@ -139,7 +150,7 @@ class StagetuneServer:
         )
         ss_grpc.add_StudyServiceServicer_to_server(StudyServicer(self.service), self.grpc_server)
         ws_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.service, tracking_uri), self.grpc_server
+            WorkerServicer(self.trials, tracking_uri), self.grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -174,7 +185,7 @@ class StagetuneServer:
     def _reap_loop(self) -> None:
         while not self._stopping.wait(self.settings.reaper_interval):
             try:
-                self.service.reap_expired()
+                self.trials.reap_expired()
             except Exception:
                 _log.warning("lease reaper pass failed", exc_info=True)
 
@@ -187,8 +198,10 @@ class StagetuneServer:
         self.tracker.close()
 
 
-def make_server(settings: ServerSettings) -> StagetuneServer:
-    return StagetuneServer(settings)
+def make_server(
+    settings: ServerSettings, policy_factory: PolicyFactory = OptunaPolicy
+) -> StagetuneServer:
+    return StagetuneServer(settings, policy_factory)
 
 
 def banner(server: StagetuneServer) -> str:

@@ -43,8 +43,8 @@ from stagetune.contract.errors import (
 )
 from stagetune.contract.spec import StudySpec, read_yaml_file
 from stagetune.server.records import StudyRecord
-from stagetune.server.service import Acquired, NoWork, StudyService
-from stagetune.server.storage import StudyStore, storage_errors
+from stagetune.server.storage import StudyStore
+from stagetune.server.trial_service import Acquired, NoWork, TrialService
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import worker_service_pb2 as ws
 
@@ -59,13 +59,11 @@ __all__ = [
     "authorize",
     "acquire_for_team",
     "METADATA_KEY",
-    "TEAM_ATTR",
 ]
 
 Role = Literal["member", "worker", "admin"]
 ROLES: tuple[Role, ...] = ("member", "worker", "admin")
 METADATA_KEY = "authorization"
-TEAM_ATTR = "st_team"  # study user attribute: the owning team
 MIN_TOKEN_LENGTH = 16
 
 STUDY_SERVICE = ss.DESCRIPTOR.services_by_name["StudyService"].full_name
@@ -273,27 +271,6 @@ class Tenancy:
     def __init__(self, store: StudyStore) -> None:
         self._store = store
 
-    @storage_errors
-    def owner(self, name: str) -> str | None:
-        """The team a study belongs to; None if it has none or does not exist."""
-        storage = self._store.optuna_storage
-        try:
-            study_id = storage.get_study_id_from_name(name)
-        except KeyError:
-            return None
-        team = storage.get_study_user_attrs(study_id).get(TEAM_ATTR)
-        return team if isinstance(team, str) and team else None
-
-    @storage_errors
-    def owners(self) -> dict[str, str]:
-        """Study name -> owning team, for every study that has one."""
-        found: dict[str, str] = {}
-        for s in self._store.optuna_storage.get_all_studies():
-            team = s.user_attrs.get(TEAM_ATTR)
-            if isinstance(team, str) and team:
-                found[s.study_name] = team
-        return found
-
     @staticmethod
     def _restricted() -> Identity | None:
         identity = current_identity()
@@ -301,7 +278,7 @@ class Tenancy:
 
     def may_see(self, name: str) -> bool:
         identity = self._restricted()
-        return identity is None or self.owner(name) == identity.team
+        return identity is None or self._store.owner(name) == identity.team
 
     def check_study(self, name: str) -> None:
         """``NOT_FOUND`` (as for a missing study) unless the caller may see it."""
@@ -314,7 +291,7 @@ class Tenancy:
         if identity is None:
             return
         study = self._store.study_of(trial_id)  # NotFound when there is no such trial
-        if self.owner(study) != identity.team:
+        if self._store.owner(study) != identity.team:
             raise NotFound(f"trial {trial_id} not found")
 
     def visible(self, records: Iterable[StudyRecord]) -> list[StudyRecord]:
@@ -322,7 +299,7 @@ class Tenancy:
         if identity is None:
             return list(records)
         records = list(records)
-        owners = self.owners()
+        owners = self._store.owners()
         return [r for r in records if owners.get(r.spec.name) == identity.team]
 
     def before_create(self, spec: StudySpec) -> None:
@@ -331,25 +308,20 @@ class Tenancy:
         if identity is None:
             return
         for i, source in enumerate(spec.warm_start.studies):
-            if self.owner(source) != identity.team:  # as the service words a missing one
+            if self._store.owner(source) != identity.team:  # as the service words a missing one
                 raise InvalidArgument(f"warm_start.studies[{i}]", f"no study named {source!r}")
         self._not_taken(spec.name, identity)
 
-    @storage_errors
     def _not_taken(self, name: str, identity: Identity) -> None:
         # Unavoidable: the name space is shared, so a taken name says the study exists.
-        try:
-            self._store.optuna_storage.get_study_id_from_name(name)
-        except KeyError:
-            return
-        if self.owner(name) != identity.team:
+        if self._store.study_exists(name) and self._store.owner(name) != identity.team:
             raise AlreadyExists(f"study {name!r} already exists; choose another name")
 
     @staticmethod
-    def owner_attrs() -> dict[str, str]:
-        """What a new study is stored with: the creating team, if the caller has one."""
+    def creating_team() -> str:
+        """The team a new study belongs to: the caller's, if it has one ("": none)."""
         identity = current_identity()
-        return {TEAM_ATTR: identity.team} if identity is not None and identity.team else {}
+        return identity.team if identity is not None else ""
 
     def after_create(self, name: str, created: bool) -> None:
         """An existing study returned for an equal spec must be the caller's team's."""
@@ -358,9 +330,7 @@ class Tenancy:
             self._not_taken(name, identity)
 
 
-def acquire_for_team(
-    service: StudyService, tenancy: Tenancy, worker_id: str, team: str
-) -> Acquired | NoWork:
+def acquire_for_team(service: TrialService, worker_id: str, team: str) -> Acquired | NoWork:
     """``service.acquire`` without a study name, limited to ``team``'s studies."""
-    mine = {name for name, owner in tenancy.owners().items() if owner == team}
+    mine = {name for name, owner in service.store.owners().items() if owner == team}
     return service.acquire(worker_id, among=mine)

@@ -43,7 +43,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         )
         if handler is None or handler.unary_unary is None:
             # Only unary calls are authenticated below: refuse anything else that would
-            # reach a protected service (there is none today) instead of letting it through.
+            # reach a protected service (all their methods are unary) instead of letting it
+            # through.
             return None if protected else handler
         inner = handler.unary_unary
 

@@ -29,21 +29,21 @@ from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from stagetune.contract.spec import ParamValue, StudySpec
-from stagetune.server import storage as st
-from stagetune.server.storage import StudyStore, running_trial
+from stagetune.server import attributes as at
+from stagetune.server import optuna_rdb as rdb
+from stagetune.server.attributes import distributions_of
+from stagetune.server.records import TrialOutcome
+from stagetune.server.storage import StudyStore
 
 __all__ = ["SuggestionPool", "Suggestion"]
 
 _log = logging.getLogger(__name__)
 
-# Trial attributes the mirror keeps: what the constraints function reads.
-_KEPT = (st.METRICS, st.INFEASIBLE)
-
 SamplerFactory = Callable[[StudySpec], optuna.samplers.BaseSampler]
-DistributionsOf = Callable[[StudySpec], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,27 @@ class _Mirror:
     by_db: dict[int, int] = field(default_factory=dict)  # database trial id -> mirror id
 
 
-def _kept_attrs(user_attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in user_attrs.items() if k in _KEPT or k.startswith(st.RUNG_PREFIX)}
+def running_trial(
+    params: dict[str, Any],
+    distributions: dict[str, BaseDistribution],
+    system_attrs: dict[str, Any] | None = None,
+    start: datetime | None = None,
+) -> FrozenTrial:
+    """A RUNNING Optuna trial with these params, as a template for ``create_new_trial``."""
+    return FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        values=None,
+        datetime_start=start,
+        datetime_complete=None,
+        params=dict(params),
+        distributions={k: distributions[k] for k in params if k in distributions},
+        user_attrs={},
+        system_attrs=dict(system_attrs or {}),
+        intermediate_values={},
+        trial_id=-1,
+    )
 
 
 class SuggestionPool:
@@ -74,7 +93,6 @@ class SuggestionPool:
         self,
         store: StudyStore,
         make_sampler: SamplerFactory,
-        distributions_of: DistributionsOf,
         *,
         size: int = 8,
         wait_seconds: float = 10.0,
@@ -82,7 +100,6 @@ class SuggestionPool:
     ) -> None:
         self._store = store
         self._make_sampler = make_sampler
-        self._distributions_of = distributions_of
         self.size = size
         self._wait_seconds = wait_seconds
         self._idle_seconds = idle_seconds  # a study not asked for this long: mirror dropped
@@ -130,18 +147,14 @@ class SuggestionPool:
             self._in_flight[name] += 1
         self._event("started", (name, db_trial_id, params))
 
-    def finished(
-        self,
-        name: str,
-        db_trial_id: int,
-        values: Sequence[float] | None = None,
-        attrs: dict[str, Any] | None = None,
-    ) -> None:
-        """A trial finished. A completed one comes with its ``values`` and the ``attrs``
-        written with them (its final metrics: all the constraints read), so the mirror
-        learns it without a read; a stopped or failed one is read back."""
-        outcome = (list(values), _kept_attrs(attrs or {})) if values is not None else None
-        self._event("finished", (name, db_trial_id, outcome))
+    def finished(self, name: str, db_trial_id: int, outcome: TrialOutcome) -> None:
+        """A trial finished. A completed one's outcome carries its values and final
+        metrics (all the constraints read), so the mirror learns it without a read; a
+        stopped or failed one is read back."""
+        completed = None
+        if outcome.state == "complete":
+            completed = (list(outcome.values), at.constraint_attrs(at.outcome_attrs(outcome)))
+        self._event("finished", (name, db_trial_id, completed))
 
     def close(self) -> None:
         with self._cond:
@@ -234,10 +247,11 @@ class SuggestionPool:
         mirror = self._mirrors.get(name)
         if mirror is None or self._stale(mirror):
             mirror = self._build(name)
-        trial = mirror.study.ask(fixed_distributions=self._distributions_of(mirror.spec))
-        system_attrs = mirror.study._storage.get_trial(trial._trial_id).system_attrs
+        trial = mirror.study.ask(fixed_distributions=distributions_of(mirror.spec))
+        mirror_id = rdb.trial_id(trial)
+        system_attrs = rdb.storage_of(mirror.study).get_trial(mirror_id).system_attrs
         suggestion = Suggestion(
-            dict(trial.params), dict(system_attrs), trial._trial_id, mirror.generation
+            dict(trial.params), dict(system_attrs), mirror_id, mirror.generation
         )
         with self._cond:
             if self._mirrors.get(name) is mirror:
@@ -264,10 +278,7 @@ class SuggestionPool:
         )
         self._generations += 1
         mirror = _Mirror(spec, study, self._generations)
-        db_trials = self._store.optuna_storage.get_all_trials(
-            self._store._study_id(name), deepcopy=False
-        )
-        for t in db_trials:
+        for t in self._store.optuna_trials(name):
             if t.state != TrialState.WAITING:
                 self._copy(mirror, t)
         with self._cond:
@@ -277,13 +288,13 @@ class SuggestionPool:
     def _copy(self, mirror: _Mirror, t: FrozenTrial) -> None:
         """Add database trial ``t`` to the mirror, with its state."""
         mirror_id = self._add(
-            mirror, t._trial_id, t.params, t.distributions, t.system_attrs, t.datetime_start
+            mirror, rdb.trial_id(t), t.params, t.distributions, t.system_attrs, t.datetime_start
         )
         if t.state != TrialState.RUNNING:
             self._finish(mirror, mirror_id, t.state, t.values, t.user_attrs)
 
     def _add_running(self, mirror: _Mirror, db_id: int, params: dict[str, ParamValue]) -> None:
-        self._add(mirror, db_id, params, self._distributions_of(mirror.spec))
+        self._add(mirror, db_id, params, distributions_of(mirror.spec))
 
     def _add(
         self,
@@ -296,7 +307,8 @@ class SuggestionPool:
     ) -> int:
         """A running mirror twin of database trial ``db_id``; returns its mirror id."""
         template = running_trial(params, distributions, system_attrs=system_attrs, start=start)
-        mirror_id = mirror.study._storage.create_new_trial(mirror.study._study_id, template)
+        storage = rdb.storage_of(mirror.study)
+        mirror_id = storage.create_new_trial(rdb.study_id(mirror.study), template)
         mirror.by_db[db_id] = mirror_id
         return mirror_id
 
@@ -307,7 +319,7 @@ class SuggestionPool:
         completed: tuple[list[float], dict[str, Any]] | None,
     ) -> None:
         mirror_id = mirror.by_db.get(db_id)
-        storage = mirror.study._storage
+        storage = rdb.storage_of(mirror.study)
         if mirror_id is not None and storage.get_trial(mirror_id).state.is_finished():
             return  # already told (the build read it finished)
         if mirror_id is not None and completed is not None:
@@ -332,8 +344,8 @@ class SuggestionPool:
         """Tell the mirror how a database trial ended, with the attributes the
         constraints read, through its sampler (which records constraint values, as it
         did for the database study)."""
-        storage = mirror.study._storage
-        for key, value in _kept_attrs(user_attrs).items():
+        storage = rdb.storage_of(mirror.study)
+        for key, value in at.constraint_attrs(user_attrs).items():
             storage.set_trial_user_attr(mirror_id, key, value)
         number = storage.get_trial_number_from_id(mirror_id)
         if state == TrialState.COMPLETE and values is not None:

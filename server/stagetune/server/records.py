@@ -1,16 +1,18 @@
 """Server-side domain records: what the study service works with, apart from protos and
-from Optuna's types. The storage layer builds them; the servicer converts them to protos."""
+from Optuna's types. The storage layer builds and stores them; the servicer converts them
+to protos."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from stagetune.contract.spec import ParamValue, StudySpec
 
 StudyStateName = Literal["running", "stopped", "done"]
 TrialStateName = Literal["waiting", "running", "complete", "stopped", "failed", "infeasible"]
+EndStateName = Literal["complete", "stopped", "failed"]
 
 __all__ = [
     "StudyStateName",
@@ -19,6 +21,10 @@ __all__ = [
     "TrialRecord",
     "StudyRecord",
     "StudyHead",
+    "EndStateName",
+    "TrialLease",
+    "RequestAnswer",
+    "TrialOutcome",
 ]
 
 
@@ -69,3 +75,33 @@ class StudyHead:
     spec: StudySpec
     state: StudyStateName  # as stored: running or stopped ("done" is derived from trials)
     reference: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TrialLease:
+    """Who holds a running trial, and until when (epoch seconds) unless renewed."""
+
+    worker_id: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class RequestAnswer:
+    """What a trial's idempotency key was first used for: the payload's fingerprint and
+    the answer given, returned again to a retry with the same payload."""
+
+    request_id: str
+    payload: str
+    answer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a running trial ended: stored in one transaction, then told to the policy."""
+
+    state: EndStateName
+    values: tuple[float, ...] = ()  # objective values, in the spec's order (complete only)
+    metrics: dict[str, float] | None = None  # final metrics, when the trial reported them
+    reason: str = ""
+    infeasible: str = ""  # the broken constraint, or "out of memory"; "" when feasible
+    request: RequestAnswer | None = None  # the idempotency key that ended it, if any

@@ -13,7 +13,8 @@ from stagetune.contract.names import FAILURE_KINDS, STUDY_STATES, TRIAL_STATES
 from stagetune.contract.spec import spec_from_proto, spec_to_proto, value_to_proto
 from stagetune.server.auth import Tenancy, acquire_for_team, current_identity
 from stagetune.server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
-from stagetune.server.service import Acquired, NoWork, StudyService
+from stagetune.server.service import StudyService
+from stagetune.server.trial_service import Acquired, NoWork, TrialService
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
@@ -99,7 +100,7 @@ class StudyServicer(ss_grpc.StudyServiceServicer):
             raise InvalidArgument("spec", "is required")
         spec = spec_from_proto(request.spec)
         self._tenancy.before_create(spec)
-        record, created = self._service.create_study(spec, self._tenancy.owner_attrs())
+        record, created = self._service.create_study(spec, self._tenancy.creating_team())
         self._tenancy.after_create(spec.name, created)
         return ss.CreateStudyResponse(study=study_to_proto(record), created=created)
 
@@ -145,7 +146,7 @@ class StudyServicer(ss_grpc.StudyServiceServicer):
 
 
 class WorkerServicer(ws_grpc.WorkerServiceServicer):
-    def __init__(self, service: StudyService, tracking_uri: str = "") -> None:
+    def __init__(self, service: TrialService, tracking_uri: str = "") -> None:
         self._service = service
         self._tracking_uri = tracking_uri
         self._tenancy = Tenancy(service.store)
@@ -157,7 +158,7 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         if study_name:
             self._tenancy.check_study(study_name)
             return self._service.acquire(worker_id, study_name)
-        return acquire_for_team(self._service, self._tenancy, worker_id, identity.team)
+        return acquire_for_team(self._service, worker_id, identity.team)
 
     def AcquireTrial(
         self, request: ws.AcquireTrialRequest, context: grpc.ServicerContext

@@ -2,7 +2,7 @@
 
 Seeds come from the Pareto sets of earlier studies of the same stage and from the stage's
 known-good defaults (``configs/warm_start.yaml``). Each seed is cut to the new study's
-search space: params it does not search are dropped (the sampler fills in the rest), and
+search space: params it does not search are dropped (the policy fills in the rest), and
 a value outside the new range or choices is dropped too, never clipped.
 """
 
@@ -14,10 +14,13 @@ from typing import Any
 
 import yaml
 
+from stagetune.contract.errors import InvalidArgument, NotFound
 from stagetune.contract.packaged import packaged_path
 from stagetune.contract.spec import CategoricalParam, FloatParam, ParamValue, StudySpec
+from stagetune.server.front import ranked
+from stagetune.server.storage import StudyStore
 
-__all__ = ["DEFAULTS_FILE", "stage_defaults", "fit_to_space", "dedupe"]
+__all__ = ["DEFAULTS_FILE", "stage_defaults", "fit_to_space", "dedupe", "warm_start_seeds"]
 
 #: The packaged per-stage defaults (``configs/warm_start.yaml``).
 DEFAULTS_FILE = "warm_start.yaml"
@@ -63,3 +66,27 @@ def dedupe(
             seen.add(key)
             out.append((source, params))
     return out
+
+
+def warm_start_seeds(spec: StudySpec, store: StudyStore) -> list[tuple[str, dict[str, ParamValue]]]:
+    """(source, params) of each seed of a new study, checked before it is created:
+    defaults first, then each source study's Pareto set, cut to this search space, at
+    most max_trials. An unknown source study, or one of another stage, is refused."""
+    seeds: list[tuple[str, dict[str, ParamValue]]] = []
+    if spec.warm_start.defaults:
+        for params in stage_defaults(spec.stage):
+            seeds.append((f"defaults:{spec.stage}", fit_to_space(spec, params)))
+    for i, name in enumerate(spec.warm_start.studies):
+        where = f"warm_start.studies[{i}]"
+        try:
+            source = store.get_study(name)
+        except NotFound:
+            raise InvalidArgument(where, f"no study named {name!r}") from None
+        if source.spec.stage != spec.stage:
+            raise InvalidArgument(
+                where, f"{name!r} tunes stage {source.spec.stage}, not {spec.stage}"
+            )
+        for t in ranked(source.spec, store.trials(name, ["complete"])):
+            if t.pareto_rank == 1:
+                seeds.append((f"study:{name}#{t.number}", fit_to_space(spec, t.params)))
+    return dedupe(seeds)[: spec.budget.max_trials]

@@ -1,0 +1,462 @@
+"""Every use of Optuna's private storage internals, in one module.
+
+The server reads and writes Optuna's RDB tables itself where the public storage API costs
+a query per attribute or has no such query: trial counts by state in one aggregate, a
+trial inserted with its params and attributes in three bulk statements, a trial's
+attributes, values and state written in one transaction, attribute lookups by key across
+a study. That needs names Optuna keeps private: the ORM models of
+``optuna.storages._rdb.models``, ``_create_scoped_session``,
+``RDBStorage._set_trial_*_without_commit``, ``RDBStorage.engine`` / ``scoped_session``,
+and the ids ``Study._study_id`` and ``FrozenTrial._trial_id``. No other module of the
+server uses any of them.
+
+``INTERNALS`` names each with what this module relies on (a call's shape, a model's
+columns, an attribute); ``internals_problems()`` checks them against the installed Optuna.
+``tests/test_optuna_rdb.py`` runs it and round-trips every function here against
+Optuna's public reads, and ``open_storage`` refuses to start on a mismatch: an Optuna
+release that changes one fails loudly, naming it, and never writes a malformed row.
+
+Everything here speaks Optuna's terms (study and trial ids, ``TrialState``, attribute
+values as JSON); the store (server/storage.py, server/trial_store.py) maps them to the
+service's records. The module is over the ~400-line guideline on purpose: the inventory of
+what is relied on sits beside the code that relies on it, so a change to a use shows the
+check that must change with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb import storage as rdb_storage
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "INTERNALS",
+    "Internal",
+    "internals_problems",
+    "open_storage",
+    "study_id",
+    "trial_id",
+    "storage_of",
+    "study_attrs",
+    "trial_counts",
+    "count_trials_with_attr",
+    "count_in_state",
+    "running_trial_with_attr",
+    "trial_attrs_in_study",
+    "trials_with_attr",
+    "complete_values",
+    "trial_attr",
+    "insert_running_trial",
+    "set_trial_attrs",
+    "finish_trial",
+]
+
+# ------------------------------------------------------------------ what is relied on
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One private Optuna name this module uses, and a check that it still holds:
+    ``check()`` returns None, or what changed."""
+
+    name: str
+    check: Callable[[RDBStorage], str | None]  # given an open storage
+
+
+_ROOTS: dict[str, Any] = {"models": models, "storage": rdb_storage}
+
+
+def _resolve(path: str) -> Any:
+    root, *rest = path.split(".")
+    found = _ROOTS[root]
+    for name in rest:
+        found = getattr(found, name)
+    return found
+
+
+def _call(path: str, *args: str, **kwargs: str) -> Internal:
+    """``path`` is called here with these arguments (``args`` by position, ``kwargs`` by
+    name; an instance method's first is ``self``)."""
+    shown = ", ".join([*args, *(f"{k}=" for k in kwargs)])
+
+    def check(_: RDBStorage) -> str | None:
+        try:
+            fn = _resolve(path)
+        except AttributeError as e:
+            return f"is gone ({e})"
+        try:
+            inspect.signature(fn).bind(*args, **kwargs)
+        except TypeError as e:
+            return f"can no longer be called so ({e}); it is now {inspect.signature(fn)}"
+        return None
+
+    return Internal(f"optuna.storages._rdb.{path}({shown})", check)
+
+
+def _columns(model: str, *columns: str, properties: tuple[str, ...] = ()) -> Internal:
+    """``models.<model>`` is read and written through these columns (and properties)."""
+
+    def check(_: RDBStorage) -> str | None:
+        try:
+            cls = _resolve(f"models.{model}")
+            have = set(cls.__table__.columns.keys())
+        except AttributeError as e:
+            return f"is gone ({e})"
+        missing = sorted(set(columns) - have) + [
+            p for p in properties if not isinstance(getattr(cls, p, None), property)
+        ]
+        return f"lost {', '.join(missing)}; has {sorted(have)}" if missing else None
+
+    return Internal(
+        f"optuna.storages._rdb.models.{model}({', '.join(columns + properties)})", check
+    )
+
+
+def _attribute(owner: str, name: str, make: Callable[[RDBStorage], object]) -> Internal:
+    """Instances of ``owner`` (as ``make(storage)`` gets one) have the attribute ``name``."""
+
+    def check(storage: RDBStorage) -> str | None:
+        try:
+            with _quiet():
+                obj = make(storage)
+        except Exception as e:  # a changed constructor is a change too
+            return f"cannot be checked ({type(e).__name__}: {e})"
+        return None if hasattr(obj, name) else "is gone"
+
+    return Internal(f"{owner}.{name}", check)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without Optuna's log line for each study made in memory to be checked."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _a_study(_: object = None) -> optuna.Study:
+    return optuna.create_study(storage=optuna.storages.InMemoryStorage())
+
+
+def _a_frozen_study(_: object) -> FrozenStudy:
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage)
+    return storage.get_all_studies()[0]
+
+
+INTERNALS: tuple[Internal, ...] = (
+    _call("storage._create_scoped_session", "scoped_session"),
+    _call(
+        "storage.RDBStorage._set_trial_attr_without_commit",
+        *("self", "session", "model_cls", "trial_id", "key", "value"),
+    ),
+    _call(
+        "storage.RDBStorage._set_trial_value_without_commit",
+        *("self", "session", "trial", "objective", "value"),
+    ),
+    _call("models.StudyModel.find_or_raise_by_id", "study_id", "session", for_update="True"),
+    _call("models.TrialModel.find_or_raise_by_id", "trial_id", "session", for_update="True"),
+    _call("models.TrialModel.count_past_trials", "self", "session"),
+    _call("models.TrialValueModel.stored_repr_to_value", "value", "float_type"),
+    _columns(
+        "TrialModel",
+        *("trial_id", "study_id", "number", "state"),
+        properties=("datetime_start", "datetime_complete"),
+    ),
+    _columns("TrialParamModel", "trial_id", "param_name", "param_value", "distribution_json"),
+    _columns("TrialValueModel", "trial_id", "objective", "value", "value_type"),
+    _columns("StudyUserAttributeModel", "study_id", "key", "value_json"),
+    _columns("TrialUserAttributeModel", "trial_id", "key", "value_json"),
+    _columns("TrialSystemAttributeModel", "trial_id", "key", "value_json"),
+    _attribute("RDBStorage", "engine", lambda storage: storage),
+    _attribute("RDBStorage", "scoped_session", lambda storage: storage),
+    _attribute("Study", "_study_id", _a_study),
+    _attribute("Study", "_storage", _a_study),
+    _attribute("Trial", "_trial_id", lambda _: _a_study().ask()),
+    _attribute("FrozenStudy", "_study_id", _a_frozen_study),
+    _attribute("FrozenTrial", "_trial_id", lambda _: optuna.trial.create_trial(value=0.0)),
+)
+
+
+def internals_problems(storage: RDBStorage) -> list[str]:
+    """One line per entry of ``INTERNALS`` that the installed Optuna breaks (none: []);
+    ``storage``: an open one, whose attributes are checked."""
+    problems = []
+    for internal in INTERNALS:
+        problem = internal.check(storage)
+        if problem is not None:
+            problems.append(f"optuna {optuna.__version__}: {internal.name} {problem}")
+    return problems
+
+
+# ------------------------------------------------------------------ opening
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        # Wait for a writer rather than failing with "database is locked".
+        return {"connect_args": {"timeout": 60, "check_same_thread": False}}
+    return {"pool_pre_ping": True, "pool_size": 8, "max_overflow": 16}
+
+
+def open_storage(url: str) -> RDBStorage:
+    """Optuna's RDB storage at ``url`` (Optuna creates its tables if missing). Raises
+    SQLAlchemy's errors when the database cannot be reached or the URL is not one, and
+    RuntimeError naming every private name the installed Optuna changed, before this
+    module reads or writes anything through them."""
+    storage = RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    problems = internals_problems(storage)
+    if problems:
+        storage.engine.dispose()
+        raise RuntimeError(
+            "the installed Optuna changed internals stagetune writes through; install "
+            "optuna 5.x as pinned in stagetune's requirements: " + "; ".join(problems)
+        )
+    if url.startswith("sqlite"):
+        with storage.engine.connect() as conn:
+            # WAL lets readers proceed while one writer commits; it persists in the file.
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    return storage
+
+
+# ------------------------------------------------------------------ ids of Optuna objects
+
+
+def study_id(study: optuna.Study | FrozenStudy) -> int:
+    return int(study._study_id)
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return int(trial._trial_id)
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    return study._storage
+
+
+# ------------------------------------------------------------------ reads
+
+
+def study_attrs(storage: RDBStorage, study: int, keys: Collection[str]) -> dict[str, Any]:
+    """The study's user attributes among ``keys`` (missing ones left out), one query."""
+    sua = models.StudyUserAttributeModel
+    query = sqlalchemy.select(sua.key, sua.value_json).where(
+        sua.study_id == study, sua.key.in_(list(keys))
+    )
+    with storage.engine.connect() as conn:
+        return {key: json.loads(value) for key, value in conn.execute(query)}
+
+
+def trial_counts(storage: RDBStorage, study: int) -> dict[TrialState, int]:
+    """How many trials the study has in each state (states with none left out)."""
+    t = models.TrialModel
+    query = (
+        sqlalchemy.select(t.state, sqlalchemy.func.count())
+        .where(t.study_id == study)
+        .group_by(t.state)
+    )
+    with storage.engine.connect() as conn:
+        return {state: int(n) for state, n in conn.execute(query)}
+
+
+def count_trials_with_attr(storage: RDBStorage, study: int, key: str, *, other_than: Any) -> int:
+    """How many of the study's trials have the user attribute ``key`` with a value other
+    than ``other_than``."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(ua)
+        .join(t, t.trial_id == ua.trial_id)
+        .where(t.study_id == study, ua.key == key, ua.value_json != json.dumps(other_than))
+    )
+    with storage.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def count_in_state(storage: RDBStorage, study: int, state: TrialState) -> int:
+    t = models.TrialModel
+    query = (
+        sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(t)
+        .where(t.study_id == study, t.state == state)
+    )
+    with storage.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def running_trial_with_attr(storage: RDBStorage, study: int, key: str, value: Any) -> int | None:
+    """The id of one RUNNING trial of the study whose user attribute ``key`` is ``value``."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(t.trial_id)
+        .join(ua, t.trial_id == ua.trial_id)
+        .where(
+            t.study_id == study,
+            t.state == TrialState.RUNNING,
+            ua.key == key,
+            ua.value_json == json.dumps(value),
+        )
+        .limit(1)
+    )
+    with storage.engine.connect() as conn:
+        found = conn.execute(query).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
+def trial_attrs_in_study(
+    storage: RDBStorage, study: int, keys: Collection[str]
+) -> list[tuple[int, str, Any]]:
+    """(trial id, key, value) of every user attribute among ``keys`` of the study's trials."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(ua.trial_id, ua.key, ua.value_json)
+        .join(t, t.trial_id == ua.trial_id)
+        .where(t.study_id == study, ua.key.in_(list(keys)))
+    )
+    with storage.engine.connect() as conn:
+        return [(int(i), str(k), json.loads(v)) for i, k, v in conn.execute(query)]
+
+
+def trials_with_attr(storage: RDBStorage, study: int, key: str) -> set[int]:
+    """Ids of the study's trials that have the user attribute ``key``."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(ua.trial_id)
+        .join(t, t.trial_id == ua.trial_id)
+        .where(t.study_id == study, ua.key == key)
+    )
+    with storage.engine.connect() as conn:
+        return {int(i) for (i,) in conn.execute(query)}
+
+
+def complete_values(storage: RDBStorage, study: int) -> dict[int, tuple[float, ...]]:
+    """Objective values of every COMPLETE trial of the study, by trial id."""
+    t, v = models.TrialModel, models.TrialValueModel
+    query = (
+        sqlalchemy.select(v.trial_id, v.objective, v.value, v.value_type)
+        .join(t, t.trial_id == v.trial_id)
+        .where(t.study_id == study, t.state == TrialState.COMPLETE)
+    )
+    values: dict[int, dict[int, float]] = {}
+    with storage.engine.connect() as conn:
+        for trial, objective, value, kind in conn.execute(query):
+            stored = models.TrialValueModel.stored_repr_to_value(value, kind)
+            values.setdefault(int(trial), {})[int(objective)] = stored
+    return {i: tuple(vals[k] for k in sorted(vals)) for i, vals in values.items()}
+
+
+def trial_attr(storage: RDBStorage, trial: int, key: str) -> Any:
+    """The trial's user attribute ``key``; None when it has none."""
+    ua = models.TrialUserAttributeModel
+    query = sqlalchemy.select(ua.value_json).where(ua.trial_id == trial, ua.key == key)
+    with storage.engine.connect() as conn:
+        value = conn.execute(query).scalar_one_or_none()
+    return None if value is None else json.loads(value)
+
+
+# ------------------------------------------------------------------ writes
+
+
+def insert_running_trial(
+    storage: RDBStorage,
+    study: int,
+    params: Mapping[str, Any],
+    distributions: Mapping[str, BaseDistribution],
+    user_attrs: Mapping[str, Any],
+    system_attrs: Mapping[str, Any],
+    started: datetime,
+) -> tuple[int, int]:
+    """Insert a RUNNING trial with its params and attributes in one transaction; returns
+    (trial id, number). Optuna's ``create_new_trial`` checks each param against earlier
+    trials' distributions and writes each attribute with its own lookups (25 queries for
+    a LoRA trial); the caller fixed the distributions, so the rows go in as three bulk
+    inserts."""
+    with _create_scoped_session(storage.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study, session, for_update=True)
+        row = models.TrialModel(
+            study_id=study, number=None, state=TrialState.RUNNING, datetime_start=started
+        )
+        session.add(row)
+        session.flush()
+        new_id = int(row.trial_id)
+        if params:
+            session.execute(
+                sqlalchemy.insert(models.TrialParamModel),
+                [
+                    {
+                        "trial_id": new_id,
+                        "param_name": k,
+                        "param_value": distributions[k].to_internal_repr(v),
+                        "distribution_json": distribution_to_json(distributions[k]),
+                    }
+                    for k, v in params.items()
+                ],
+            )
+        for model, attrs in (
+            (models.TrialUserAttributeModel, user_attrs),
+            (models.TrialSystemAttributeModel, system_attrs),
+        ):
+            if attrs:
+                session.execute(
+                    sqlalchemy.insert(model),
+                    [
+                        {"trial_id": new_id, "key": k, "value_json": json.dumps(v)}
+                        for k, v in attrs.items()
+                    ],
+                )
+        row.number = row.count_past_trials(session)
+        return new_id, int(row.number)
+
+
+def set_trial_attrs(storage: RDBStorage, trial: int, attrs: Mapping[str, Any]) -> None:
+    """Write the trial's user attributes in one transaction (all or none). A finished
+    trial is frozen, as in Optuna: ``UpdateFinishedTrialError``, nothing written. The
+    trial's row is locked first (PostgreSQL), so a finish by another server replica cannot
+    land between the check and the write."""
+    with _create_scoped_session(storage.scoped_session) as session:
+        models.TrialModel.find_or_raise_by_id(trial, session, for_update=True)
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial, key, value
+            )
+
+
+def finish_trial(
+    storage: RDBStorage,
+    trial: int,
+    state: TrialState,
+    values: Sequence[float],
+    attrs: Mapping[str, Any],
+    completed: datetime,
+) -> None:
+    """End a running trial: user attributes, objective values and state in one
+    transaction, so a crash leaves all of it or none. A finished trial:
+    ``UpdateFinishedTrialError``, nothing written."""
+    with _create_scoped_session(storage.scoped_session) as session:
+        row = models.TrialModel.find_or_raise_by_id(trial, session, for_update=True)
+        storage.check_trial_is_updatable(trial, row.state)  # type: ignore[arg-type]
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial, key, value
+            )
+        for objective, v in enumerate(values):
+            storage._set_trial_value_without_commit(session, row, objective, v)
+        row.state = state
+        row.datetime_complete = completed

@@ -1,0 +1,258 @@
+"""The trials' half of the study store (``StudyStore`` is a ``TrialStore``): a trial's
+record, the study-wide trial queries the service and the policy need, and every write to
+a trial, each typed.
+
+Split from server/storage.py by job, not by object: both halves share one Optuna
+storage, one error policy and the per-process caches ``StudyStore`` sets up.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from stagetune.contract.errors import NotFound
+from stagetune.contract.spec import ParamValue, StudySpec
+from stagetune.server import attributes as at
+from stagetune.server import optuna_rdb as rdb
+from stagetune.server.database import storage_errors
+from stagetune.server.records import (
+    RequestAnswer,
+    TrialLease,
+    TrialOutcome,
+    TrialRecord,
+    TrialStateName,
+)
+
+__all__ = ["TrialStore", "trial_state", "STATE_NAME"]
+
+STATE_NAME: dict[TrialState, TrialStateName] = {
+    TrialState.WAITING: "waiting",
+    TrialState.RUNNING: "running",
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "stopped",
+    TrialState.FAIL: "failed",
+}
+_END_STATE = {
+    "complete": TrialState.COMPLETE,
+    "stopped": TrialState.PRUNED,
+    "failed": TrialState.FAIL,
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def trial_state(t: FrozenTrial) -> TrialStateName:
+    """The trial's state name: an infeasible trial is COMPLETE, PRUNED or FAIL in Optuna,
+    marked by an attribute."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and t.user_attrs.get(
+        at.INFEASIBLE
+    ):
+        return "infeasible"
+    return STATE_NAME[t.state]
+
+
+class TrialStore(abc.ABC):
+    """Trials of every study, read and written as records (see ``StudyStore``)."""
+
+    optuna_storage: RDBStorage
+    _trial_study: dict[int, str]  # study name by trial id: trials never move
+
+    @abc.abstractmethod
+    def _study_id(self, name: str) -> int:
+        """The study's id; ``NotFound`` when there is no such study."""
+
+    # ------------------------------------------------------------ trials: reads
+
+    def _trial_record(self, study_name: str, t: FrozenTrial) -> TrialRecord:
+        ua = t.user_attrs
+        return TrialRecord(
+            trial_id=rdb.trial_id(t),
+            number=t.number,
+            study_name=study_name,
+            state=trial_state(t),
+            params=dict(t.params),
+            attempt=int(ua.get(at.ATTEMPT, 1)),
+            metrics=dict(ua.get(at.METRICS, {})),
+            values=tuple(t.values) if t.state == TrialState.COMPLETE and t.values else (),
+            rungs=tuple(at.rung_records(ua)),
+            worker_id=ua.get(at.WORKER, ""),
+            start=t.datetime_start.astimezone(UTC) if t.datetime_start else None,
+            end=t.datetime_complete.astimezone(UTC) if t.datetime_complete else None,
+            lease_expires=at.timestamp(ua.get(at.LEASE)) if t.state == TrialState.RUNNING else None,
+            reason=ua.get(at.REASON, ""),
+            mlflow_run_id=ua.get(at.RUN_ID, ""),
+        )
+
+    @storage_errors
+    def trials(
+        self, study_name: str, states: Iterable[TrialStateName] | None = None
+    ) -> list[TrialRecord]:
+        wanted = set(states or ())
+        # An infeasible trial is COMPLETE, PRUNED or FAIL in Optuna, marked by an attribute.
+        names = wanted | ({"complete", "stopped", "failed"} if "infeasible" in wanted else set())
+        optuna_states = tuple(s for s, n in STATE_NAME.items() if n in names) if wanted else None
+        records = [
+            self._trial_record(study_name, t) for t in self.optuna_trials(study_name, optuna_states)
+        ]
+        return [r for r in records if r.state in wanted] if wanted else records
+
+    @storage_errors
+    def optuna_trials(
+        self, study_name: str, states: tuple[TrialState, ...] | None = None
+    ) -> list[FrozenTrial]:
+        """The study's trials as Optuna holds them (for the Optuna policy's samplers)."""
+        study_id = self._study_id(study_name)
+        return self.optuna_storage.get_all_trials(study_id, deepcopy=False, states=states)
+
+    @storage_errors
+    def trial(self, trial_id: int) -> TrialRecord:
+        try:
+            t = self.optuna_storage.get_trial(trial_id)
+        except KeyError:
+            raise NotFound(f"trial {trial_id} not found") from None
+        return self._trial_record(str(t.user_attrs.get(at.STUDY, "")), t)
+
+    @storage_errors
+    def study_of(self, trial_id: int) -> str:
+        """The name of the trial's study (trials never move: remembered once read)."""
+        found = self._trial_study.get(trial_id)
+        if found is None:
+            value = rdb.trial_attr(self.optuna_storage, trial_id, at.STUDY)
+            if value is None:
+                raise NotFound(f"trial {trial_id} not found")
+            found = str(value)
+            if len(self._trial_study) > 100_000:
+                self._trial_study.clear()
+            self._trial_study[trial_id] = found
+        return found
+
+    @storage_errors
+    def held_trial(self, name: str, worker_id: str) -> int | None:
+        """The id of a running trial of the study that ``worker_id`` holds, if any."""
+        return rdb.running_trial_with_attr(
+            self.optuna_storage, self._study_id(name), at.WORKER, worker_id
+        )
+
+    @storage_errors
+    def count_complete(self, name: str) -> int:
+        """How many trials of the study are COMPLETE (feasible or not)."""
+        return rdb.count_in_state(self.optuna_storage, self._study_id(name), TrialState.COMPLETE)
+
+    @storage_errors
+    def complete_values(self, name: str) -> list[tuple[int, tuple[float, ...]]]:
+        """(trial id, objective values) of every COMPLETE trial that is not infeasible,
+        read with two light queries (the Pareto front needs nothing else)."""
+        study_id = self._study_id(name)
+        values = rdb.complete_values(self.optuna_storage, study_id)
+        excluded = rdb.trials_with_attr(self.optuna_storage, study_id, at.INFEASIBLE)
+        return [(i, v) for i, v in sorted(values.items()) if i not in excluded]
+
+    @storage_errors
+    def rung_metrics(self, name: str, step: int) -> list[tuple[int, dict[str, float]]]:
+        """(trial id, metrics) of every trial of the study that reported at ``step``,
+        infeasible ones excluded: what MO-ASHA ranks a rung report against."""
+        keys = [at.rung_key(step), at.INFEASIBLE]
+        rows = rdb.trial_attrs_in_study(self.optuna_storage, self._study_id(name), keys)
+        excluded = {i for i, key, _ in rows if key == at.INFEASIBLE}
+        reports = {i: dict(v.get("metrics", {})) for i, key, v in rows if key != at.INFEASIBLE}
+        return [(i, m) for i, m in sorted(reports.items()) if i not in excluded]
+
+    @storage_errors
+    def request(self, trial_id: int, request_id: str) -> RequestAnswer | None:
+        """What was recorded for this idempotency key of the trial, if anything."""
+        value = rdb.trial_attr(self.optuna_storage, trial_id, at.REQUEST_PREFIX + request_id)
+        return at.request_answer(request_id, value)
+
+    # ------------------------------------------------------------ trials: writes
+
+    @storage_errors
+    def create_running_trial(
+        self,
+        spec: StudySpec,
+        params: dict[str, ParamValue],
+        lease: TrialLease,
+        system_attrs: dict[str, Any] | None = None,
+    ) -> TrialRecord:
+        """Insert a RUNNING first attempt with these params, held under ``lease``, in one
+        transaction (``system_attrs``: what a sampler noted when it proposed them)."""
+        user_attrs = {at.STUDY: spec.name, at.ATTEMPT: 1, **at.lease_attrs(lease)}
+        dists = at.distributions_of(spec)
+        started = _now()
+        trial_id, number = rdb.insert_running_trial(
+            self.optuna_storage,
+            self._study_id(spec.name),
+            params,
+            dists,
+            user_attrs,
+            system_attrs or {},
+            started,
+        )
+        self._trial_study[trial_id] = spec.name
+        return TrialRecord(
+            trial_id=trial_id,
+            number=number,
+            study_name=spec.name,
+            state="running",
+            params=dict(params),
+            attempt=1,
+            worker_id=lease.worker_id,
+            start=started,
+            lease_expires=at.timestamp(lease.expires),
+        )
+
+    @storage_errors
+    def hold_queued(self, trial_id: int, study_name: str, lease: TrialLease) -> TrialRecord:
+        """A queued trial just started: record its holder (and, for a seed queued without
+        them, its study and first attempt)."""
+        existing = self.optuna_storage.get_trial(trial_id).user_attrs
+        attrs: dict[str, Any] = {at.STUDY: study_name}
+        if at.ATTEMPT not in existing:
+            attrs[at.ATTEMPT] = 1
+        rdb.set_trial_attrs(self.optuna_storage, trial_id, {**attrs, **at.lease_attrs(lease)})
+        return self.trial(trial_id)
+
+    @storage_errors
+    def renew_lease(self, trial_id: int, expires: float) -> None:
+        rdb.set_trial_attrs(self.optuna_storage, trial_id, {at.LEASE: expires})
+
+    @storage_errors
+    def record_rung(self, trial_id: int, step: int, metrics: dict[str, float]) -> None:
+        self.optuna_storage.set_trial_user_attr(
+            trial_id, at.rung_key(step), at.rung_value(metrics, _now())
+        )
+
+    @storage_errors
+    def record_request(self, trial_id: int, request: RequestAnswer) -> None:
+        rdb.set_trial_attrs(self.optuna_storage, trial_id, at.request_attrs(request))
+
+    @storage_errors
+    def set_run_id(self, trial_id: int, run_id: str) -> bool:
+        """Record the trial's MLflow run id, unless the trial already finished (Optuna
+        freezes finished trials); returns whether it was written."""
+        try:
+            rdb.set_trial_attrs(self.optuna_storage, trial_id, {at.RUN_ID: run_id})
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    @storage_errors
+    def finish_trial(self, trial_id: int, outcome: TrialOutcome) -> None:
+        """End a running trial: its outcome, values and state in one transaction, so a
+        crash leaves all of it or none."""
+        rdb.finish_trial(
+            self.optuna_storage,
+            trial_id,
+            _END_STATE[outcome.state],
+            outcome.values if outcome.state == "complete" else (),
+            at.outcome_attrs(outcome),
+            _now(),
+        )

@@ -1,0 +1,261 @@
+"""The contract with Optuna's private storage internals (server/optuna_rdb.py).
+
+Every private name the server uses still exists with the shape it is used with; a change
+is reported naming it, and stops the server before it writes anything. Each function
+that reads or writes Optuna's tables directly agrees with what Optuna's public storage
+API reads back, on SQLite and PostgreSQL. And what a study stores (its attribute keys) is
+the format a database written by an earlier server has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
+from stagetune.contract.client import StudyClient, WorkerClient
+from stagetune.contract.spec import StudySpec
+from stagetune.server import optuna_rdb as rdb
+from stagetune.server.app import StagetuneServer
+from tests.conftest import objective_metrics
+
+
+@pytest.fixture
+def storage(storage_url: str) -> Iterator[RDBStorage]:
+    opened = rdb.open_storage(storage_url)
+    yield opened
+    opened.engine.dispose()
+
+
+@pytest.fixture
+def study(storage: RDBStorage) -> int:
+    directions = [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
+    return storage.create_new_study(directions, "s")
+
+
+DISTS = {
+    "lr": FloatDistribution(1e-5, 1e-2, log=True),
+    "r": IntDistribution(4, 64, step=4),
+    "target": CategoricalDistribution(["q", "qv", "all"]),
+}
+PARAMS = {"lr": 3e-4, "r": 16, "target": "qv"}
+
+
+def _insert(storage: RDBStorage, study: int, **user_attrs: object) -> int:
+    started = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    trial, _ = rdb.insert_running_trial(
+        storage, study, PARAMS, DISTS, user_attrs, {"gen": 3}, started
+    )
+    return trial
+
+
+# ------------------------------------------------------------------ the names relied on
+
+
+def test_every_private_optuna_name_the_server_uses_still_holds(storage: RDBStorage) -> None:
+    problems = rdb.internals_problems(storage)
+    assert not problems, "Optuna changed internals the server relies on:\n" + "\n".join(problems)
+
+
+def test_a_changed_internal_is_named_and_stops_the_server_before_it_writes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    def renamed(self: object, session: object, model: object, trial: int, key: str) -> None:
+        """As if a release dropped the value argument."""
+
+    monkeypatch.setattr(RDBStorage, "_set_trial_attr_without_commit", renamed)
+    monkeypatch.delattr(models.TrialModel, "count_past_trials")
+    with pytest.raises(RuntimeError) as err:
+        rdb.open_storage(f"sqlite:///{tmp_path}/x.db")
+    message = str(err.value)
+    assert "RDBStorage._set_trial_attr_without_commit(self, session, model_cls" in message
+    assert "models.TrialModel.count_past_trials(self, session) is gone" in message
+    assert f"optuna {optuna.__version__}" in message
+    assert "find_or_raise_by_id" not in message  # only what changed is named
+
+
+def test_a_lost_column_is_named(monkeypatch: pytest.MonkeyPatch, storage: RDBStorage) -> None:
+    class ValueModelWithoutValue:
+        """``TrialValueModel`` as a release that dropped its ``value`` column would have it."""
+
+        __table__ = SimpleNamespace(columns={"trial_id": 0, "objective": 0, "value_type": 0})
+
+    monkeypatch.setattr(models, "TrialValueModel", ValueModelWithoutValue)
+    problems = rdb.internals_problems(storage)
+    lost = "models.TrialValueModel(trial_id, objective, value, value_type) lost value;"
+    assert any(lost in p for p in problems), problems
+    assert any(
+        "TrialValueModel.stored_repr_to_value(value, float_type) is gone" in p for p in problems
+    )
+
+
+# ------------------------------------------------------------------ writes read back by Optuna
+
+
+def test_insert_running_trial_reads_back_as_optuna_would_have_written_it(
+    storage: RDBStorage, study: int
+) -> None:
+    first = _insert(storage, study, st_study="s", st_attempt=1)
+    second, number = rdb.insert_running_trial(storage, study, {}, {}, {}, {}, datetime.now(UTC))
+    t = storage.get_trial(first)
+    assert (t.state, t.number, t.params, t.distributions) == (
+        TrialState.RUNNING,
+        0,
+        PARAMS,
+        DISTS,
+    )
+    assert t.user_attrs == {"st_study": "s", "st_attempt": 1}
+    assert t.system_attrs == {"gen": 3}
+    assert t.datetime_start is not None
+    assert t.datetime_start.astimezone(UTC) == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert number == storage.get_trial(second).number == 1
+
+
+def test_set_trial_attrs_writes_all_and_a_finished_trial_refuses_all(
+    storage: RDBStorage, study: int
+) -> None:
+    trial = _insert(storage, study, st_worker="w1")
+    rdb.set_trial_attrs(storage, trial, {"st_worker": "w2", "st_lease": 12.5, "st_x": [1, 2]})
+    assert storage.get_trial(trial).user_attrs == {
+        "st_worker": "w2",
+        "st_lease": 12.5,
+        "st_x": [1, 2],
+    }
+    storage.set_trial_state_values(trial, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        rdb.set_trial_attrs(storage, trial, {"st_y": 1})
+    assert "st_y" not in storage.get_trial(trial).user_attrs
+
+
+def test_finish_trial_writes_state_values_and_attributes_at_once(
+    storage: RDBStorage, study: int
+) -> None:
+    trial = _insert(storage, study)
+    done = datetime(2025, 1, 2, 4, 0, 0, tzinfo=UTC)
+    rdb.finish_trial(storage, trial, TrialState.COMPLETE, [-0.5, 1e18], {"st_m": {"a": 1}}, done)
+    t = storage.get_trial(trial)
+    assert (t.state, t.values, t.user_attrs) == (
+        TrialState.COMPLETE,
+        [-0.5, 1e18],
+        {"st_m": {"a": 1}},
+    )
+    assert t.datetime_complete is not None and t.datetime_complete.astimezone(UTC) == done
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        rdb.finish_trial(storage, trial, TrialState.FAIL, [], {"st_r": "again"}, done)
+    assert storage.get_trial(trial).state == TrialState.COMPLETE
+    stopped = _insert(storage, study)
+    rdb.finish_trial(storage, stopped, TrialState.PRUNED, [], {"st_reason": "r"}, done)
+    assert storage.get_trial(stopped).values is None
+
+
+# ------------------------------------------------------------------ reads agree with Optuna
+
+
+def test_each_read_agrees_with_optunas_public_reads(storage: RDBStorage, study: int) -> None:
+    storage.set_study_user_attr(study, "st_spec", "{}")
+    storage.set_study_user_attr(study, "st_reference", [1.0, 2.0])
+    a = _insert(storage, study, st_attempt=1, st_worker="w1", st_rung_8={"metrics": {"x": 1}})
+    b = _insert(storage, study, st_attempt=2, st_worker="w2", st_infeasible="oom")
+    c = _insert(storage, study, st_attempt=1, st_worker="w1")
+    done = datetime.now(UTC)
+    rdb.finish_trial(storage, b, TrialState.COMPLETE, [1.0, math.inf], {}, done)
+    rdb.finish_trial(storage, c, TrialState.COMPLETE, [3.0, 4.0], {}, done)
+    waiting = storage.create_new_trial(study, optuna.trial.create_trial(state=TrialState.WAITING))
+    trials = storage.get_all_trials(study)
+
+    assert rdb.study_attrs(storage, study, ["st_spec", "st_reference", "nope"]) == {
+        k: v for k, v in storage.get_study_user_attrs(study).items()
+    }
+    by_state: dict[TrialState, int] = {}
+    for t in trials:
+        by_state[t.state] = by_state.get(t.state, 0) + 1
+    assert rdb.trial_counts(storage, study) == by_state
+    assert rdb.count_in_state(storage, study, TrialState.COMPLETE) == 2
+    assert rdb.count_trials_with_attr(storage, study, "st_attempt", other_than=1) == 1
+    assert rdb.running_trial_with_attr(storage, study, "st_worker", "w1") == a
+    assert rdb.running_trial_with_attr(storage, study, "st_worker", "w2") is None  # finished
+    assert rdb.trials_with_attr(storage, study, "st_infeasible") == {b}
+    assert sorted(rdb.trial_attrs_in_study(storage, study, ["st_rung_8", "st_infeasible"])) == [
+        (a, "st_rung_8", {"metrics": {"x": 1}}),
+        (b, "st_infeasible", "oom"),
+    ]
+    assert rdb.complete_values(storage, study) == {
+        t._trial_id: tuple(t.values) for t in trials if t.state == TrialState.COMPLETE
+    }
+    assert rdb.complete_values(storage, study)[b] == (1.0, math.inf)
+    assert rdb.trial_attr(storage, a, "st_worker") == storage.get_trial(a).user_attrs["st_worker"]
+    assert rdb.trial_attr(storage, waiting, "st_worker") is None
+
+
+def test_ids_of_optuna_objects(storage: RDBStorage, study: int) -> None:
+    (frozen,) = storage.get_all_studies()
+    assert rdb.study_id(frozen) == study == storage.get_study_id_from_name("s")
+    loaded = optuna.load_study(study_name="s", storage=storage)
+    assert rdb.study_id(loaded) == study
+    assert rdb.storage_of(loaded).get_study_id_from_name("s") == study  # (Optuna caches it)
+    trial = loaded.ask()
+    assert rdb.trial_id(trial) == rdb.trial_id(storage.get_all_trials(study)[-1])
+
+
+# ------------------------------------------------------------------ the stored format
+
+
+def test_what_a_study_stores_keeps_the_keys_of_earlier_servers(
+    server: StagetuneServer, lora_spec: StudySpec
+) -> None:
+    """A database written by an earlier server is read with these keys: renaming one
+    would silently lose that data."""
+    with StudyClient(server.address) as sc, WorkerClient(server.address) as wc:
+        sc.create_study(lora_spec)
+        done = wc.acquire("w1").trial.trial_id
+        step = lora_spec.fidelity.rungs()[0]
+        wc.report_progress(done, "w1", step, {"eval_loss": 2.0}, request_id="p")
+        wc.complete(done, "w1", objective_metrics(2.0, 3.0, 500.0), request_id="c")
+        failed = wc.acquire("w2").trial.trial_id
+        wc.fail(failed, "w2", "out_of_memory", "cuda oom", request_id="f")
+    storage = server.store.optuna_storage
+    (frozen,) = storage.get_all_studies()
+    assert set(frozen.user_attrs) >= {"st_spec", "st_state", "st_created", "st_reference"}
+    assert set(frozen.user_attrs) <= {
+        "st_spec",
+        "st_state",
+        "st_created",
+        "st_team",
+        "st_reference",
+        "st_hypervolume",
+        "st_mlflow_experiment_id",
+        "st_mlflow_run_id",
+    }
+    assert json.loads(frozen.user_attrs["st_spec"])["name"] == lora_spec.name
+    complete = storage.get_trial(done).user_attrs
+    rung = f"st_rung_{lora_spec.fidelity.rungs()[0]}"
+    assert set(complete) == {
+        "st_study",
+        "st_attempt",
+        "st_worker",
+        "st_lease",
+        rung,
+        "st_req_p",
+        "st_req_c",
+        "st_metrics",
+    }
+    assert complete[rung]["metrics"] == {"eval_loss": 2.0} and "time" in complete[rung]
+    assert complete["st_req_c"]["answer"] == {}
+    assert set(storage.get_trial(failed).user_attrs) == {
+        "st_study",
+        "st_attempt",
+        "st_worker",
+        "st_lease",
+        "st_reason",
+        "st_infeasible",
+        "st_req_f",
+    }
