@@ -13,7 +13,6 @@ is logged and dropped, never raised: the study store stays the source of truth.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import tempfile
@@ -26,8 +25,10 @@ from typing import Any, Protocol, TypeVar
 
 from google.protobuf import json_format
 
+from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.redact import redact, redact_text
 from stagetune.contract.spec import StudySpec, spec_to_proto
+from stagetune.server.front_artifacts import plot_front, write_front_csv
 from stagetune.server.records import TrialRecord
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker"]
@@ -126,6 +127,16 @@ def _flat_params(spec: StudySpec) -> dict[str, str]:
     return {k: redact_text(v) for k, v in params.items()}
 
 
+def _refused(tracking_uri: str, error: Exception) -> str:
+    """One line: what MLflow said about the URI, and what to use instead."""
+    said = " ".join(str(error).split()).split(". ")[0].strip().rstrip(".")
+    return (
+        f"MLflow cannot track to {redact_text(tracking_uri)!r} ({redact_text(said)[:200]}); "
+        "use a database such as sqlite:///PATH/mlflow.db, an MLflow server such as "
+        'http://HOST:5000, or "" to turn tracking off'
+    )
+
+
 class MlflowTracker:
     """Tracker writing to an MLflow tracking server or local database."""
 
@@ -141,7 +152,12 @@ class MlflowTracker:
         for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every fresh store
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
-        self._client = MlflowClient(tracking_uri)
+        try:
+            self._client = MlflowClient(tracking_uri)
+        # MLflow opens the store here and raises its own errors, SQLAlchemy's or OSError
+        # by store type: whichever it is, this URI cannot be tracked to.
+        except Exception as e:
+            raise InvalidArgument("tracking_uri", _refused(tracking_uri, e)) from None
         self._artifact_root = artifact_root
         self._sync_timeout = sync_timeout
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
@@ -349,46 +365,8 @@ class MlflowTracker:
         front = sorted((t for t in trials if t.pareto_rank == 1), key=lambda t: t.values)
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = Path(tmp) / "pareto_front.csv"
-            _write_front_csv(csv_path, spec, front)
+            write_front_csv(csv_path, spec, front)
             self._client.log_artifact(parent, str(csv_path))
             png_path = Path(tmp) / "pareto_front.png"
-            _plot_front(png_path, spec, trials)
+            plot_front(png_path, spec, trials)
             self._client.log_artifact(parent, str(png_path))
-
-
-def _write_front_csv(path: Path, spec: StudySpec, front: list[TrialRecord]) -> None:
-    names = [p.name for p in spec.search_space]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial_id", "number", *spec.metric_names, *names])
-        for t in front:
-            writer.writerow(
-                [t.trial_id, t.number, *t.values, *(t.params.get(n, "") for n in names)]
-            )
-
-
-def _plot_front(path: Path, spec: StudySpec, trials: list[TrialRecord]) -> None:
-    """Scatter of every pair of objectives; front members highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = len(spec.objectives)
-    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)] or [(0, 0)]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
-    for ax, (i, j) in zip(axes[0], pairs, strict=True):
-        for on_front, style in ((False, {"c": "0.7", "s": 18}), (True, {"c": "C3", "s": 36})):
-            pts = [t for t in trials if (t.pareto_rank == 1) == on_front]
-            xs = [t.values[i] for t in pts]
-            ys = [t.values[j] if m > 1 else t.number for t in pts]
-            ax.scatter(xs, ys, label="Pareto front" if on_front else "dominated", **style)
-        ax.set_xlabel(f"{spec.objectives[i].metric} ({spec.objectives[i].direction})")
-        ax.set_ylabel(
-            f"{spec.objectives[j].metric} ({spec.objectives[j].direction})" if m > 1 else "trial"
-        )
-    axes[0][0].legend(loc="best", fontsize=8)
-    fig.suptitle(f"{spec.name}: {len(trials)} complete trials")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
