@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -259,3 +260,25 @@ def test_what_a_study_stores_keeps_the_keys_of_earlier_servers(
         "st_infeasible",
         "st_req_f",
     }
+
+
+def test_advisory_lock_is_held_until_the_block_ends(postgres_url: str) -> None:
+    storage = rdb.open_storage(postgres_url)
+    other = sqlalchemy.create_engine(postgres_url)
+    try:
+
+        def free(key: int) -> bool:
+            with other.connect() as conn:
+                try_lock = sqlalchemy.text("SELECT pg_try_advisory_lock(:k)")
+                got = bool(conn.execute(try_lock, {"k": key}).scalar())
+                if got:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                return got
+
+        with rdb.advisory_lock(storage, -42):
+            assert not free(-42)  # another connection (another replica) waits
+            assert free(7)  # other keys are not held
+        assert free(-42)
+    finally:
+        other.dispose()
+        storage.engine.dispose()

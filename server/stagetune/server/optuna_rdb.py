@@ -48,6 +48,7 @@ __all__ = [
     "Internal",
     "internals_problems",
     "open_storage",
+    "advisory_lock",
     "study_id",
     "trial_id",
     "storage_of",
@@ -234,6 +235,19 @@ def open_storage(url: str) -> RDBStorage:
             # WAL lets readers proceed while one writer commits; it persists in the file.
             conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     return storage
+
+
+@contextlib.contextmanager
+def advisory_lock(storage: RDBStorage, key: int) -> Iterator[None]:
+    """Hold PostgreSQL's session advisory lock ``key`` on one of the storage's connections."""
+    with storage.engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
 
 
 # ------------------------------------------------------------------ ids of Optuna objects

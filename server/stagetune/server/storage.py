@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import optuna
-import sqlalchemy
 from google.protobuf import json_format
 from optuna.trial import TrialState
 
@@ -85,14 +84,8 @@ class StudyStore(TrialStore):
             yield
             return
         key = zlib.crc32(name.encode()) - (1 << 31)  # a signed 32-bit advisory key
-        with self.optuna_storage.engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+        with rdb.advisory_lock(self.optuna_storage, key):
+            yield
 
     @storage_errors
     def create_study(self, spec: StudySpec, team: str = "") -> tuple[StudyRecord, bool]:
