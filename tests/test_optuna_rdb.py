@@ -9,6 +9,7 @@ the format a database written by an earlier server has.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from stagetune.contract.client import StudyClient, WorkerClient
 from stagetune.contract.spec import StudySpec
 from stagetune.server import optuna_rdb as rdb
 from stagetune.server.app import StagetuneServer
-from tests.conftest import objective_metrics
+from tests.conftest import REPO, objective_metrics
 
 
 @pytest.fixture
@@ -282,3 +283,29 @@ def test_advisory_lock_is_held_until_the_block_ends(postgres_url: str) -> None:
     finally:
         other.dispose()
         storage.engine.dispose()
+
+
+def test_no_other_server_module_reaches_optunas_internals() -> None:
+    """optuna_rdb is the only module that imports a private Optuna module or touches a
+    private name of an Optuna object (its own ``self._x`` is any class's business)."""
+    private = {
+        name.rsplit(".", 1)[-1].split("(")[0] for name in (i.name for i in rdb.INTERNALS)
+    } | {"_create_scoped_session"}
+    found = []
+    for path in sorted((REPO / "server" / "stagetune" / "server").glob("*.py")):
+        if path.name == "optuna_rdb.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                modules += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                for m in modules:
+                    if m.startswith("optuna") and any(p.startswith("_") for p in m.split(".")):
+                        found.append(f"{path.name}:{node.lineno} imports {m}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in private
+                and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+            ):
+                found.append(f"{path.name}:{node.lineno} uses .{node.attr}")
+    assert not found, found
