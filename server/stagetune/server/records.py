@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from stagetune.contract.names import StudyStateName, TrialStateName
 from stagetune.contract.spec import ParamValue, StudySpec
 
-StudyStateName = Literal["running", "stopped", "done"]
-TrialStateName = Literal["waiting", "running", "complete", "stopped", "failed", "infeasible"]
 EndStateName = Literal["complete", "stopped", "failed"]
 
 __all__ = [

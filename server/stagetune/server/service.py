@@ -52,7 +52,7 @@ class StudyService:
         self.policy.close()
 
     def lock(self, study_name: str) -> threading.RLock:
-        """The study's lock: every change to a study and its trials is made under it."""
+        """The study's lock, held around every change to its state and its trials."""
         with self._locks_guard:
             return self._locks.setdefault(study_name, threading.RLock())
 

@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from stagetune.contract.errors import FailedPrecondition, InvalidArgument, NotFound
+from stagetune.contract.names import FailureKindName
 from stagetune.contract.redact import redact_text
 from stagetune.contract.spec import StudySpec, check_bounded, check_count
 from stagetune.server.records import (
@@ -33,12 +34,11 @@ from stagetune.server.records import (
 )
 from stagetune.server.service import StudyService
 
-__all__ = ["TrialService", "Acquired", "NoWork", "FailureKindName"]
+__all__ = ["TrialService", "Acquired", "NoWork"]
 
 _log = logging.getLogger(__name__)
 _EPOCH = datetime.fromtimestamp(0, UTC)
 
-FailureKindName = Literal["crash", "out_of_memory", "interrupted"]
 _FAILURE_LABEL: dict[FailureKindName, str] = {
     "crash": "crashed",
     "out_of_memory": "out of memory",
