@@ -81,3 +81,20 @@ def test_unknown_study_is_a_clear_error(tracked_server: StagetuneServer) -> None
     result = stagetune("pareto", "nope", "--server", tracked_server.address)
     assert result.returncode == 2
     assert result.stderr.strip() == "stagetune pareto: study 'nope' not found"
+
+
+def test_a_worker_for_a_study_nobody_submitted_exits_with_a_configuration_error(
+    tracked_server: StagetuneServer, tmp_path: Path
+) -> None:
+    # Exit 2, not 0: a Kubernetes Job applied before its study must not count as done.
+    result = stagetune(
+        "worker",
+        "--study",
+        "never-submitted",
+        "--server",
+        tracked_server.address,
+        "--work-dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "never-submitted" in result.stderr and "Traceback" not in result.stderr

@@ -124,7 +124,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(settings)
     worker.install_signal_handlers()
     worker.run()
-    return 0
+    # Stopped by SIGTERM (preemption, a drain): 128 + 15, so a Kubernetes Job counts the pod
+    # as failed (its podFailurePolicy ignores disruptions) rather than as a finished index.
+    return 128 + worker.stopped_by if worker.stopped_by else 0
 
 
 # ------------------------------------------------------------------ status / pareto

@@ -196,6 +196,8 @@ class Worker:
         self.client = WorkerClient(settings.server, **settings.client_options())
         self.studies = StudyClient(settings.server, **settings.client_options())
         self._stop = threading.Event()
+        #: The signal that stopped the worker, if one did (the CLI exits 128 + it).
+        self.stopped_by: int | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self.outcomes: list[TrialOutcome] = []
 
@@ -204,8 +206,12 @@ class Worker:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: object) -> None:
+            self.stopped_by = signum
+            self.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.stop())
+            signal.signal(sig, stop)
 
     def _log(self, message: str) -> None:
         print(f"[worker {self.settings.worker_id}] {message}", flush=True)
@@ -250,7 +256,9 @@ class Worker:
         try:
             study = self.studies.get_study(self.settings.study_name)
         except NotFound:
-            return True
+            # Never created (a worker started before its study was submitted): a
+            # configuration error, not a finished study, so a Job does not count it done.
+            raise
         except PermissionDenied:
             # A worker token may not read studies: the server's answer names the state.
             return no_trial.reason.endswith(("(done)", "(stopped)"))
