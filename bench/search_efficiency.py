@@ -80,7 +80,8 @@ from stagetune.contract.spec import (  # noqa: E402
 from stagetune.objectives.catalog import Direction  # noqa: E402
 from stagetune.objectives.pareto import hypervolume  # noqa: E402
 from stagetune.server.asha import rung_decision  # noqa: E402
-from stagetune.server.policy import distributions_of, make_sampler  # noqa: E402
+from stagetune.server.attributes import distributions_of  # noqa: E402
+from stagetune.server.optuna_policy import make_sampler  # noqa: E402
 
 METHODS = ("stagetune", "motpe", "nsga2", "random", "asha_weighted")
 UNITS = ("device-s", "steps")

@@ -12,6 +12,7 @@ from typing import Any
 from stagetune.contract.client import StudyClient
 from stagetune.contract.names import STUDY_STATES, TRIAL_STATES
 from stagetune.contract.spec import value_from_proto
+from stagetune.contract.stages import STAGE_NAMES
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import types_pb2 as pb
 
@@ -60,7 +61,7 @@ def render_status(client: StudyClient, name: str | None) -> str:
         rows = [
             [
                 s.spec.name,
-                pb.Stage.Name(s.spec.stage).removeprefix("STAGE_").lower(),
+                STAGE_NAMES.label(s.spec.stage),
                 STUDY_STATE.get(s.state, "?"),
                 f"{_finished(s)}/{s.spec.budget.max_trials}",
                 _counts(s),
