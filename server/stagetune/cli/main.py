@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        metrics_port=args.metrics_port or None,  # 0: off
     )
     try:
         return run_server(settings)
@@ -62,6 +63,7 @@ _SERVE_FLAGS = {
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
     "tls_client_ca": "--tls-client-ca",
+    "metrics_port": "--metrics-port (STAGETUNE_METRICS_PORT)",
 }
 
 
@@ -104,6 +106,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from stagetune.trainer.allowed_scripts import parse_allowed_scripts
     from stagetune.trainer.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(
@@ -114,6 +117,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         threads_per_trial=args.threads,
         work_dir=Path(args.work_dir),
+        scripts=parse_allowed_scripts(args.allow_script),
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -152,6 +156,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise InvalidArgument("trial", f"study {args.study} has no trial {args.trial}")
     print(render_trial_log(trial))
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from stagetune.cli.reproduce import reproduce_trial
+
+    with _study_client(args) as client:
+        return reproduce_trial(
+            client,
+            args.study,
+            args.trial,
+            Path(args.work_dir),
+            processes=args.processes,
+            gpus=args.gpus,
+            threads=args.threads,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -259,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lease-seconds", type=float, default=120.0, help="trial lease length")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("METRICS_PORT", "0"),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off "
+        "(env STAGETUNE_METRICS_PORT)",
+    )
+    p.add_argument(
         "--auth-file",
         default=_env("AUTH_FILE"),
         help="token file (YAML): require tokens, roles and teams (env STAGETUNE_AUTH_FILE)",
@@ -294,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORK_DIR", "stagetune-data/work"),
         help="trial scratch folder (env STAGETUNE_WORK_DIR)",
     )
+    p.add_argument(
+        "--allow-script",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a training script custom studies may run by NAME (runner.script: NAME); "
+        "repeat for more. A study can only name one: it never supplies a command",
+    )
     p.set_defaults(fn=cmd_worker)
 
     p = with_server(sub.add_parser("status", help="studies, or one study's trials"))
@@ -309,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("trial", type=int, help="the trial id (the first column of status)")
     p.set_defaults(fn=cmd_logs)
+
+    p = with_server(
+        sub.add_parser(
+            "reproduce",
+            help="re-run a trial locally from what was recorded; compare every metric",
+        )
+    )
+    p.add_argument("study")
+    p.add_argument("trial", type=int, help="the trial id (the first column of status)")
+    p.add_argument("--work-dir", default="stagetune-data/reproduce", help="where the re-run writes")
+    p.add_argument("--processes", type=int, help="processes (default: the study's, else 1)")
+    p.add_argument("--gpus", default="", help="device ids to re-run on (default: CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads of the re-run")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance")
+    p.set_defaults(fn=cmd_reproduce)
 
     p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
     p.add_argument("study")

@@ -12,6 +12,10 @@ A setting the server cannot use (a storage it cannot reach, a tracking URI MLflo
 a bad token file or certificate) stops the build with ``InvalidArgument`` naming the
 setting, before anything is served.
 
+``metrics_port`` serves Prometheus metrics on their own HTTP port, on the same host
+(server/metrics.py; None: off, 0: a free port, read back as ``metrics_port`` once started).
+The endpoint has no authentication: it shows study names and counts, never a param.
+
 Security is off by default (loopback, no tokens, no TLS) and the start banner says so.
 ``auth_file`` turns on bearer tokens, roles and tenancy (server/auth.py); ``tls_cert`` and
 ``tls_key`` serve TLS only; ``tls_client_ca`` also requires client certificates it signed.
@@ -25,8 +29,10 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,7 +46,7 @@ from stagetune.server.policy import PolicyFactory
 from stagetune.server.service import StudyService
 from stagetune.server.servicer import StudyServicer, WorkerServicer
 from stagetune.server.storage import StudyStore
-from stagetune.server.tracking import MlflowTracker, NullTracker, Tracker
+from stagetune.server.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root
 from stagetune.server.trial_service import TrialService
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
@@ -55,6 +61,9 @@ __all__ = [
     "banner",
     "server_credentials",
 ]
+
+if TYPE_CHECKING:
+    from stagetune.server.metrics import ServerMetrics
 
 _log = logging.getLogger(__name__)
 
@@ -79,6 +88,7 @@ class ServerSettings:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS only
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates (mTLS)
+    metrics_port: int | None = None  # Prometheus /metrics on host:port; 0 = any free port
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or default_storage_url(self.data_dir)
@@ -132,20 +142,37 @@ class StagetuneServer:
             load_token_file(settings.auth_file) if settings.auth_file is not None else None
         )
         self._credentials = server_credentials(settings)
+        if settings.metrics_port is not None and not 0 <= settings.metrics_port <= 65535:
+            raise InvalidArgument("metrics_port", "must be a port number, 0 to 65535")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StudyStore(settings.resolved_storage_url())
         tracking_uri = settings.resolved_tracking_uri()
         self.tracker: Tracker = (
-            MlflowTracker(tracking_uri, artifact_root=settings.data_dir / "mlartifacts")
+            MlflowTracker(
+                tracking_uri, artifact_root=local_artifact_root(tracking_uri, settings.data_dir)
+            )
             if tracking_uri
             else NullTracker()
         )
-        self.service = StudyService(self.store, policy_factory(self.store), self.tracker)
-        self.trials = TrialService(self.service, lease_seconds=settings.lease_seconds)
+        policy = policy_factory(self.store)
+        self.metrics: ServerMetrics | None = None
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [ErrorInterceptor(self.tokens)]
+        if settings.metrics_port is not None:
+            from stagetune.server.metrics import ServerMetrics  # prometheus_client: only if on
+
+            pool = policy.pool if isinstance(policy, OptunaPolicy) else None
+            misses = (lambda: pool.misses) if pool is not None else None
+            self.metrics = ServerMetrics(self.store, self.tracker, pool_misses=misses)
+            self.metrics.grpc.initialize(_methods(SERVICE_NAMES))
+            interceptors.insert(0, self.metrics.grpc)  # outermost: counts the codes sent
+        self.service = StudyService(self.store, policy, self.tracker)
+        self.trials = TrialService(
+            self.service, lease_seconds=settings.lease_seconds, events=self.metrics
+        )
         self.health = health.HealthServicer()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
-            interceptors=[ErrorInterceptor(self.tokens)],
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", 4 << 20)],
         )
         ss_grpc.add_StudyServiceServicer_to_server(StudyServicer(self.service), self.grpc_server)
@@ -157,6 +184,7 @@ class StagetuneServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
         self.port = 0
+        self.metrics_port = 0  # bound once started, if metrics are on
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="reaper", daemon=True)
 
@@ -176,6 +204,16 @@ class StagetuneServer:
             self.port = self.grpc_server.add_insecure_port(target)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.host}:{self.settings.port}")
+        if self.metrics is not None and self.settings.metrics_port is not None:
+            where = f"{self.settings.host}:{self.settings.metrics_port}"
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.host, self.settings.metrics_port
+                )
+            except OSError as e:
+                self.grpc_server.stop(0)
+                problem = f"cannot listen on {where}: {e.strerror}"
+                raise InvalidArgument("metrics_port", problem) from None
         self.grpc_server.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -196,6 +234,14 @@ class StagetuneServer:
         self.grpc_server.stop(self.settings.grace if grace is None else grace).wait()
         self.service.close()
         self.tracker.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _methods(services: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(service, method) of every method of these services."""
+    pool = descriptor_pool.Default()
+    return [(s, m.name) for s in services for m in pool.FindServiceByName(s).methods]
 
 
 def make_server(
@@ -213,6 +259,8 @@ def banner(server: StagetuneServer) -> str:
         f"  storage:  {redact_text(settings.resolved_storage_url())}",
         f"  tracking: {redact_text(settings.resolved_tracking_uri()) or 'off'}",
     ]
+    if server.metrics is not None:
+        lines.append(f"  metrics:  http://{settings.host}:{server.metrics_port}/metrics")
     tokens = server.tokens
     if tokens is not None:
         lines.append(

@@ -35,6 +35,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+import sqlalchemy.orm
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
@@ -54,6 +55,7 @@ __all__ = [
     "storage_of",
     "study_attrs",
     "trial_counts",
+    "trial_counts_by_study",
     "count_trials_with_attr",
     "count_in_state",
     "running_trial_with_attr",
@@ -288,6 +290,34 @@ def trial_counts(storage: RDBStorage, study: int) -> dict[TrialState, int]:
     )
     with storage.engine.connect() as conn:
         return {state: int(n) for state, n in conn.execute(query)}
+
+
+def trial_counts_by_study(
+    storage: RDBStorage, marked_by: str, key: str, *, other_than: Any
+) -> list[tuple[int, TrialState, bool, bool, int]]:
+    """Trial counts of every study in one query, as rows (study id, state, whether the
+    trials have the user attribute ``marked_by``, whether their attribute ``key`` has a
+    value other than ``other_than``, count)."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    marked, differs = sqlalchemy.orm.aliased(ua), sqlalchemy.orm.aliased(ua)
+    is_marked = marked.trial_id.is_not(None)
+    is_different = differs.trial_id.is_not(None)
+    query = (
+        sqlalchemy.select(t.study_id, t.state, is_marked, is_different, sqlalchemy.func.count())
+        .select_from(t)
+        .outerjoin(marked, (marked.trial_id == t.trial_id) & (marked.key == marked_by))
+        .outerjoin(
+            differs,
+            (differs.trial_id == t.trial_id)
+            & (differs.key == key)
+            & (differs.value_json != json.dumps(other_than)),
+        )
+        .group_by(t.study_id, t.state, is_marked, is_different)
+    )
+    with storage.engine.connect() as conn:
+        return [
+            (int(s), state, bool(m), bool(d), int(n)) for s, state, m, d, n in conn.execute(query)
+        ]
 
 
 def count_trials_with_attr(storage: RDBStorage, study: int, key: str, *, other_than: Any) -> int:

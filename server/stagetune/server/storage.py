@@ -31,7 +31,7 @@ from stagetune.server.records import StudyHead, StudyRecord, StudyStateName, Tri
 from stagetune.server.trial_store import STATE_NAME, TrialStore, trial_state
 from stagetune.v1 import types_pb2 as pb
 
-__all__ = ["StudyStore", "Counts"]
+__all__ = ["StudyStore", "Counts", "StudyTally"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,32 @@ class Counts:
     waiting: int
     running: int
     budget_used: int  # first attempts created so far (retries excluded)
+
+
+@dataclass(frozen=True)
+class StudyTally:
+    """A study as a metrics scrape reads it (``StudyStore.tallies``)."""
+
+    spec: StudySpec
+    state: StudyStateName
+    created: datetime
+    trials: dict[TrialStateName, int]  # every state, zeros included
+    hypervolume: float
+
+
+def _effective_state(
+    stored: StudyStateName, spec: StudySpec, used: int, trials: dict[TrialStateName, int]
+) -> StudyStateName:
+    """A running study whose budget is handed out and of which nothing runs or waits is done."""
+    if stored != "running" or used < spec.budget.max_trials:
+        return stored
+    return "done" if trials["running"] == 0 and trials["waiting"] == 0 else stored
+
+
+def _no_trials() -> dict[TrialStateName, int]:
+    counts: dict[TrialStateName, int] = dict.fromkeys(STATE_NAME.values(), 0)
+    counts["infeasible"] = 0
+    return counts
 
 
 def _now() -> datetime:
@@ -173,20 +199,12 @@ class StudyStore(TrialStore):
     def _record(self, study_id: int, attrs: dict[str, Any]) -> StudyRecord:
         spec = self._spec(attrs[at.SPEC])
         trials = self.optuna_storage.get_all_trials(study_id, deepcopy=False)
-        counts: dict[TrialStateName, int] = dict.fromkeys(STATE_NAME.values(), 0)
-        counts["infeasible"] = 0
+        counts = _no_trials()
         used = 0
         for t in trials:
             counts[trial_state(t)] += 1
             used += int(t.user_attrs.get(at.ATTEMPT, 1)) == 1
-        state: StudyStateName = attrs.get(at.STATE, "running")
-        if (
-            state == "running"
-            and used >= spec.budget.max_trials
-            and counts["running"] == 0
-            and counts["waiting"] == 0
-        ):
-            state = "done"
+        state = _effective_state(attrs.get(at.STATE, "running"), spec, used, counts)
         ref = attrs.get(at.REFERENCE)
         return StudyRecord(
             spec=spec,
@@ -227,6 +245,37 @@ class StudyStore(TrialStore):
             if at.SPEC in s.user_attrs
         ]
         return sorted(records, key=lambda r: r.created, reverse=True)
+
+    @storage_errors
+    def tallies(self) -> list[StudyTally]:
+        """Every study's state, trial counts by state and hypervolume, in a fixed number of
+        queries whatever the number of studies and trials (what a metrics scrape reads)."""
+        rows = rdb.trial_counts_by_study(
+            self.optuna_storage, at.INFEASIBLE, at.ATTEMPT, other_than=1
+        )
+        counts: dict[int, dict[TrialStateName, int]] = {}
+        used: dict[int, int] = {}
+        for study_id, optuna_state, infeasible, retry, n in rows:
+            name = STATE_NAME[optuna_state]
+            if infeasible and name in ("complete", "stopped", "failed"):
+                name = "infeasible"
+            counts.setdefault(study_id, _no_trials())[name] += n
+            used[study_id] = used.get(study_id, 0) + (0 if retry else n)
+        tallies = []
+        for s in self.optuna_storage.get_all_studies():
+            attrs = s.user_attrs
+            if at.SPEC not in attrs:
+                continue
+            study_id = rdb.study_id(s)
+            trials = counts.get(study_id, _no_trials())
+            spec = self._spec(attrs[at.SPEC])
+            state = _effective_state(
+                attrs.get(at.STATE, "running"), spec, used.get(study_id, 0), trials
+            )
+            created = at.timestamp(attrs.get(at.CREATED)) or _now()
+            hypervolume = float(attrs.get(at.HYPERVOLUME, 0.0))
+            tallies.append(StudyTally(spec, state, created, trials, hypervolume))
+        return tallies
 
     @storage_errors
     def counts(self, name: str) -> Counts:

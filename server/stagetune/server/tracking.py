@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
@@ -31,7 +32,7 @@ from stagetune.contract.spec import StudySpec, spec_to_proto
 from stagetune.server.front_artifacts import plot_front, write_front_csv
 from stagetune.server.records import TrialRecord
 
-__all__ = ["Tracker", "NullTracker", "MlflowTracker"]
+__all__ = ["Tracker", "NullTracker", "MlflowTracker", "local_artifact_root"]
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -76,6 +77,15 @@ class Tracker(Protocol):
 
     def close(self, timeout: float = 30.0) -> None: ...
 
+    def backlog(self) -> int:
+        """Events not yet written to MLflow (queued or under way)."""
+        ...
+
+    @property
+    def errors(self) -> int:
+        """MLflow calls that failed (each logged and dropped) since the tracker started."""
+        ...
+
 
 class NullTracker:
     """Tracking switched off."""
@@ -108,6 +118,26 @@ class NullTracker:
 
     def close(self, timeout: float = 30.0) -> None:
         pass
+
+    def backlog(self) -> int:
+        return 0
+
+    errors = 0
+
+
+_SERVER_SCHEMES = ("http", "https", "databricks")
+
+
+def local_artifact_root(tracking_uri: str, data_dir: Path) -> Path | None:
+    """Where the server puts new experiments' artifacts, or None to let the tracking server
+    decide. A tracking server (http, https) places them itself: with ``mlflow server
+    --serve-artifacts`` under ``mlflow-artifacts:/``, uploaded and downloaded through the
+    server, so the UI, workers and the next stage on other machines read them. A local store
+    (a database or folder path) would otherwise put them in ``./mlruns`` of whatever folder
+    the server started in: they go to ``data_dir/mlartifacts`` instead."""
+    if urlsplit(tracking_uri).scheme in _SERVER_SCHEMES:
+        return None
+    return data_dir / "mlartifacts"
 
 
 def _flat_params(spec: StudySpec) -> dict[str, str]:
@@ -169,6 +199,8 @@ class MlflowTracker:
         # burst of completions costs one plot, not one per completion.
         self._pending_fronts: dict[str, int] = {}
         self._pending_lock = threading.Lock()
+        self._backlog = 0  # events submitted and not yet done, under _pending_lock
+        self.errors = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -178,14 +210,28 @@ class MlflowTracker:
                 return fn(*args)
             except Exception:
                 _log.warning("MLflow tracking failed in %s", fn.__name__, exc_info=True)
+                with self._pending_lock:
+                    self.errors += 1
                 return None
+            finally:
+                self._count(-1)
 
+        self._count(+1)
         try:
             return self._pool.submit(guarded)
         except RuntimeError:  # pool shut down
+            self._count(-1)
             done: Future[Any] = Future()
             done.set_result(None)
             return done
+
+    def _count(self, change: int) -> None:
+        with self._pending_lock:
+            self._backlog += change
+
+    def backlog(self) -> int:
+        with self._pending_lock:
+            return self._backlog
 
     def _wait(self, future: Future[_T], default: _T) -> _T:
         try:

@@ -33,6 +33,7 @@ from stagetune.server.records import (
     TrialRecord,
 )
 from stagetune.server.service import StudyService
+from stagetune.server.trial_events import AcquireOutcome, TrialEvents
 
 __all__ = ["TrialService", "Acquired", "NoWork"]
 
@@ -90,6 +91,7 @@ class TrialService:
         lease_seconds: float = 120.0,
         retry_after: float = 2.0,
         clock: Callable[[], float] = time.time,
+        events: TrialEvents | None = None,
     ) -> None:
         self.store = studies.store
         self.policy = studies.policy
@@ -99,6 +101,7 @@ class TrialService:
         self.lease_seconds = lease_seconds
         self.retry_after = retry_after
         self._clock = clock
+        self.events = events or TrialEvents()  # what metrics count
 
     def _lease_until(self) -> float:
         return self._clock() + self.lease_seconds
@@ -112,6 +115,18 @@ class TrialService:
         """Hand out a trial: the one this worker still holds, else a queued retry, else the
         next ready suggestion. Reads no trial table: two count queries and one insert.
         Without ``study_name``: from any running study, or only those named in ``among``."""
+        began = time.perf_counter()
+        outcome: AcquireOutcome = "error"
+        try:
+            got = self._acquire(worker_id, study_name, among)
+            outcome = "trial" if isinstance(got, Acquired) else "no_work"
+            return got
+        finally:
+            self.events.acquired(time.perf_counter() - began, outcome)
+
+    def _acquire(
+        self, worker_id: str, study_name: str, among: Collection[str] | None
+    ) -> Acquired | NoWork:
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
         if study_name:
@@ -251,6 +266,7 @@ class TrialService:
                 self.store.record_request(trial_id, RequestAnswer(request_id, payload, answer))
             if stop:
                 self._stop(study, trial, reason, violation, step)
+        self.events.rung_decided(stop)
         return stop, reason, datetime.fromtimestamp(lease, UTC)
 
     def _stop(
@@ -271,6 +287,15 @@ class TrialService:
         self, trial_id: int, worker_id: str, metrics: dict[str, float], request_id: str = ""
     ) -> TrialRecord:
         """Record the final metrics. Repeating the same call returns the same trial."""
+        began = time.perf_counter()
+        try:
+            return self._complete(trial_id, worker_id, metrics, request_id)
+        finally:
+            self.events.completed(time.perf_counter() - began)
+
+    def _complete(
+        self, trial_id: int, worker_id: str, metrics: dict[str, float], request_id: str
+    ) -> TrialRecord:
         _finite_metrics(metrics)
         _check_request_id(request_id)
         payload = _fingerprint({"worker": worker_id, "metrics": metrics})
@@ -360,6 +385,7 @@ class TrialService:
         final = self._finish(spec, trial, outcome)
         if requeued:
             self.policy.enqueue(spec, trial.params, attempt=trial.attempt + 1)
+            self.events.requeued()
         self.tracker.trial_finished(spec, final, spec.fidelity.max_steps)
         return final, requeued
 
@@ -381,5 +407,6 @@ class TrialService:
                     silent = f"lease expired: worker {current.worker_id!r} went silent"
                     self._fail_locked(study, current, silent, requeue=True)
                     reaped.append(t.trial_id)
+                    self.events.lease_expired()
                     _log.warning("reaped trial %d of %s (%s)", t.trial_id, study.spec.name, silent)
         return reaped
