@@ -106,7 +106,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from stagetune.trainer.allowed_scripts import parse_allowed_scripts
     from stagetune.trainer.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(
@@ -117,7 +116,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         threads_per_trial=args.threads,
         work_dir=Path(args.work_dir),
-        scripts=parse_allowed_scripts(args.allow_script),
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -156,23 +154,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise InvalidArgument("trial", f"study {args.study} has no trial {args.trial}")
     print(render_trial_log(trial))
     return 0
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from stagetune.cli.reproduce import reproduce_trial
-
-    with _study_client(args) as client:
-        return reproduce_trial(
-            client,
-            args.study,
-            args.trial,
-            Path(args.work_dir),
-            processes=args.processes,
-            gpus=args.gpus,
-            threads=args.threads,
-            rtol=args.rtol,
-            atol=args.atol,
-        )
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -322,14 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORK_DIR", "stagetune-data/work"),
         help="trial scratch folder (env STAGETUNE_WORK_DIR)",
     )
-    p.add_argument(
-        "--allow-script",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="a training script custom studies may run by NAME (runner.script: NAME); "
-        "repeat for more. A study can only name one: it never supplies a command",
-    )
     p.set_defaults(fn=cmd_worker)
 
     p = with_server(sub.add_parser("status", help="studies, or one study's trials"))
@@ -345,22 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("trial", type=int, help="the trial id (the first column of status)")
     p.set_defaults(fn=cmd_logs)
-
-    p = with_server(
-        sub.add_parser(
-            "reproduce",
-            help="re-run a trial locally from what was recorded; compare every metric",
-        )
-    )
-    p.add_argument("study")
-    p.add_argument("trial", type=int, help="the trial id (the first column of status)")
-    p.add_argument("--work-dir", default="stagetune-data/reproduce", help="where the re-run writes")
-    p.add_argument("--processes", type=int, help="processes (default: the study's, else 1)")
-    p.add_argument("--gpus", default="", help="device ids to re-run on (default: CPU)")
-    p.add_argument("--threads", type=int, help="CPU threads of the re-run")
-    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance")
-    p.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance")
-    p.set_defaults(fn=cmd_reproduce)
 
     p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
     p.add_argument("study")
