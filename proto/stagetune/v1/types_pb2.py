@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stagetune/v1/types.proto\x12\x0cstagetune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\nFloatRange\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\x0b\n\x03log\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x01\"@\n\x08IntRange\x12\x0b\n\x03low\x18\x01 \x01(\x03\x12\x0c\n\x04high\x18\x02 \x01(\x03\x12\x0b\n\x03log\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x03\"r\n\x0eParameterValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"<\n\x0b\x43\x61tegorical\x12-\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x1c.stagetune.v1.ParameterValue\"\xb7\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x66loat_range\x18\x02 \x01(\x0b\x32\x18.stagetune.v1.FloatRangeH\x00\x12+\n\tint_range\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.IntRangeH\x00\x12\x30\n\x0b\x63\x61tegorical\x18\x04 \x01(\x0b\x32\x19.stagetune.v1.CategoricalH\x00\x42\x08\n\x06\x64omain\"m\n\tObjective\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12*\n\tdirection\x18\x02 \x01(\x0e\x32\x17.stagetune.v1.Direction\x12\x16\n\treference\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_reference\"J\n\x08\x46idelity\x12\x11\n\tmin_steps\x18\x01 \x01(\x03\x12\x11\n\tmax_steps\x18\x02 \x01(\x03\x12\x18\n\x10reduction_factor\x18\x03 \x01(\x01\"R\n\x0bSamplerSpec\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.stagetune.v1.SamplerKind\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"1\n\x06\x42udget\x12\x12\n\nmax_trials\x18\x01 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x02 \x01(\x05\"P\n\nConstraint\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x10\n\x03max\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03min\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_maxB\x06\n\x04_min\".\n\tWarmStart\x12\x0f\n\x07studies\x18\x01 \x03(\t\x12\x10\n\x08\x64\x65\x66\x61ults\x18\x02 \x01(\x08\"\xd3\x03\n\tStudySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05stage\x18\x02 \x01(\x0e\x32\x13.stagetune.v1.Stage\x12\x31\n\x0csearch_space\x18\x03 \x03(\x0b\x32\x1b.stagetune.v1.ParameterSpec\x12+\n\nobjectives\x18\x04 \x03(\x0b\x32\x17.stagetune.v1.Objective\x12(\n\x08\x66idelity\x18\x05 \x01(\x0b\x32\x16.stagetune.v1.Fidelity\x12*\n\x07sampler\x18\x06 \x01(\x0b\x32\x19.stagetune.v1.SamplerSpec\x12$\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x14.stagetune.v1.Budget\x12\'\n\x06runner\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0e\x65\x61rly_stopping\x18\t \x01(\x0e\x32\x1b.stagetune.v1.EarlyStopping\x12-\n\x0b\x63onstraints\x18\n \x03(\x0b\x32\x18.stagetune.v1.Constraint\x12+\n\nwarm_start\x18\x0b \x01(\x0b\x32\x17.stagetune.v1.WarmStart\"v\n\x0bTrialCounts\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x05\x12\x0f\n\x07stopped\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x12\n\ninfeasible\x18\x06 \x01(\x05\"\xfd\x01\n\x05Study\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.stagetune.v1.StudySpec\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.stagetune.v1.StudyState\x12)\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x19.stagetune.v1.TrialCounts\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14mlflow_experiment_id\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\x12\x13\n\x0bhypervolume\x18\x07 \x01(\x01\"\xb3\x01\n\nRungReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x36\n\x07metrics\x18\x02 \x03(\x0b\x32%.stagetune.v1.RungReport.MetricsEntry\x12/\n\x0breport_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xff\x04\n\x05Trial\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x0e\n\x06number\x18\x02 \x01(\x05\x12\x12\n\nstudy_name\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.stagetune.v1.TrialState\x12/\n\x06params\x18\x05 \x03(\x0b\x32\x1f.stagetune.v1.Trial.ParamsEntry\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .stagetune.v1.Trial.MetricsEntry\x12\x18\n\x10objective_values\x18\x07 \x03(\x01\x12\'\n\x05rungs\x18\x08 \x03(\x0b\x32\x18.stagetune.v1.RungReport\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x15\n\rmlflow_run_id\x18\x0f \x01(\t\x12\x13\n\x0bpareto_rank\x18\x10 \x01(\x05\x1aK\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.stagetune.v1.ParameterValue:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x18\n\x14STAGE_PRETRAIN_PROXY\x10\x01\x12\r\n\tSTAGE_SFT\x10\x02\x12\x0e\n\nSTAGE_LORA\x10\x03\x12\r\n\tSTAGE_DPO\x10\x04\x12\x0e\n\nSTAGE_GRPO\x10\x05*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_MINIMIZE\x10\x01\x12\x16\n\x12\x44IRECTION_MAXIMIZE\x10\x02*r\n\x0bSamplerKind\x12\x1c\n\x18SAMPLER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SAMPLER_KIND_TPE\x10\x01\x12\x16\n\x12SAMPLER_KIND_NSGA2\x10\x02\x12\x17\n\x13SAMPLER_KIND_RANDOM\x10\x03*d\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45\x41RLY_STOPPING_NONE\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_MO_ASHA\x10\x02*q\n\nStudyState\x12\x1b\n\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATE_RUNNING\x10\x01\x12\x17\n\x13STUDY_STATE_STOPPED\x10\x02\x12\x14\n\x10STUDY_STATE_DONE\x10\x03*\xc2\x01\n\nTrialState\x12\x1b\n\x17TRIAL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_STATE_WAITING\x10\x01\x12\x17\n\x13TRIAL_STATE_RUNNING\x10\x02\x12\x18\n\x14TRIAL_STATE_COMPLETE\x10\x03\x12\x17\n\x13TRIAL_STATE_STOPPED\x10\x04\x12\x16\n\x12TRIAL_STATE_FAILED\x10\x05\x12\x1a\n\x16TRIAL_STATE_INFEASIBLE\x10\x06*N\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_CONTINUE\x10\x01\x12\x11\n\rDECISION_STOP\x10\x02*\x81\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41ILURE_KIND_CRASH\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_KIND_OUT_OF_MEMORY\x10\x02\x12\x1c\n\x18\x46\x41ILURE_KIND_INTERRUPTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stagetune/v1/types.proto\x12\x0cstagetune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\nFloatRange\x12\x0b\n\x03low\x18\x01 \x01(\x01\x12\x0c\n\x04high\x18\x02 \x01(\x01\x12\x0b\n\x03log\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x01\"@\n\x08IntRange\x12\x0b\n\x03low\x18\x01 \x01(\x03\x12\x0c\n\x04high\x18\x02 \x01(\x03\x12\x0b\n\x03log\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x03\"r\n\x0eParameterValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"<\n\x0b\x43\x61tegorical\x12-\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x1c.stagetune.v1.ParameterValue\"\xb7\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x66loat_range\x18\x02 \x01(\x0b\x32\x18.stagetune.v1.FloatRangeH\x00\x12+\n\tint_range\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.IntRangeH\x00\x12\x30\n\x0b\x63\x61tegorical\x18\x04 \x01(\x0b\x32\x19.stagetune.v1.CategoricalH\x00\x42\x08\n\x06\x64omain\"m\n\tObjective\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12*\n\tdirection\x18\x02 \x01(\x0e\x32\x17.stagetune.v1.Direction\x12\x16\n\treference\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_reference\"J\n\x08\x46idelity\x12\x11\n\tmin_steps\x18\x01 \x01(\x03\x12\x11\n\tmax_steps\x18\x02 \x01(\x03\x12\x18\n\x10reduction_factor\x18\x03 \x01(\x01\"R\n\x0bSamplerSpec\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.stagetune.v1.SamplerKind\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"e\n\x06\x42udget\x12\x12\n\nmax_trials\x18\x01 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x02 \x01(\x05\x12\x1d\n\x10max_device_hours\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_max_device_hours\"P\n\nConstraint\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x10\n\x03max\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03min\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_maxB\x06\n\x04_min\".\n\tWarmStart\x12\x0f\n\x07studies\x18\x01 \x03(\t\x12\x10\n\x08\x64\x65\x66\x61ults\x18\x02 \x01(\x08\"\xd3\x03\n\tStudySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05stage\x18\x02 \x01(\x0e\x32\x13.stagetune.v1.Stage\x12\x31\n\x0csearch_space\x18\x03 \x03(\x0b\x32\x1b.stagetune.v1.ParameterSpec\x12+\n\nobjectives\x18\x04 \x03(\x0b\x32\x17.stagetune.v1.Objective\x12(\n\x08\x66idelity\x18\x05 \x01(\x0b\x32\x16.stagetune.v1.Fidelity\x12*\n\x07sampler\x18\x06 \x01(\x0b\x32\x19.stagetune.v1.SamplerSpec\x12$\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x14.stagetune.v1.Budget\x12\'\n\x06runner\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0e\x65\x61rly_stopping\x18\t \x01(\x0e\x32\x1b.stagetune.v1.EarlyStopping\x12-\n\x0b\x63onstraints\x18\n \x03(\x0b\x32\x18.stagetune.v1.Constraint\x12+\n\nwarm_start\x18\x0b \x01(\x0b\x32\x17.stagetune.v1.WarmStart\"v\n\x0bTrialCounts\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x05\x12\x0f\n\x07stopped\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x12\n\ninfeasible\x18\x06 \x01(\x05\"\xfd\x01\n\x05Study\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.stagetune.v1.StudySpec\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.stagetune.v1.StudyState\x12)\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x19.stagetune.v1.TrialCounts\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14mlflow_experiment_id\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\x12\x13\n\x0bhypervolume\x18\x07 \x01(\x01\"\xb3\x01\n\nRungReport\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x36\n\x07metrics\x18\x02 \x03(\x0b\x32%.stagetune.v1.RungReport.MetricsEntry\x12/\n\x0breport_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xff\x04\n\x05Trial\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x0e\n\x06number\x18\x02 \x01(\x05\x12\x12\n\nstudy_name\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.stagetune.v1.TrialState\x12/\n\x06params\x18\x05 \x03(\x0b\x32\x1f.stagetune.v1.Trial.ParamsEntry\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .stagetune.v1.Trial.MetricsEntry\x12\x18\n\x10objective_values\x18\x07 \x03(\x01\x12\'\n\x05rungs\x18\x08 \x03(\x0b\x32\x18.stagetune.v1.RungReport\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12\x15\n\rmlflow_run_id\x18\x0f \x01(\t\x12\x13\n\x0bpareto_rank\x18\x10 \x01(\x05\x1aK\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.stagetune.v1.ParameterValue:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x18\n\x14STAGE_PRETRAIN_PROXY\x10\x01\x12\r\n\tSTAGE_SFT\x10\x02\x12\x0e\n\nSTAGE_LORA\x10\x03\x12\r\n\tSTAGE_DPO\x10\x04\x12\x0e\n\nSTAGE_GRPO\x10\x05*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_MINIMIZE\x10\x01\x12\x16\n\x12\x44IRECTION_MAXIMIZE\x10\x02*r\n\x0bSamplerKind\x12\x1c\n\x18SAMPLER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SAMPLER_KIND_TPE\x10\x01\x12\x16\n\x12SAMPLER_KIND_NSGA2\x10\x02\x12\x17\n\x13SAMPLER_KIND_RANDOM\x10\x03*d\n\rEarlyStopping\x12\x1e\n\x1a\x45\x41RLY_STOPPING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45\x41RLY_STOPPING_NONE\x10\x01\x12\x1a\n\x16\x45\x41RLY_STOPPING_MO_ASHA\x10\x02*q\n\nStudyState\x12\x1b\n\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STUDY_STATE_RUNNING\x10\x01\x12\x17\n\x13STUDY_STATE_STOPPED\x10\x02\x12\x14\n\x10STUDY_STATE_DONE\x10\x03*\xc2\x01\n\nTrialState\x12\x1b\n\x17TRIAL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRIAL_STATE_WAITING\x10\x01\x12\x17\n\x13TRIAL_STATE_RUNNING\x10\x02\x12\x18\n\x14TRIAL_STATE_COMPLETE\x10\x03\x12\x17\n\x13TRIAL_STATE_STOPPED\x10\x04\x12\x16\n\x12TRIAL_STATE_FAILED\x10\x05\x12\x1a\n\x16TRIAL_STATE_INFEASIBLE\x10\x06*N\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_CONTINUE\x10\x01\x12\x11\n\rDECISION_STOP\x10\x02*\x81\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41ILURE_KIND_CRASH\x10\x01\x12\x1e\n\x1a\x46\x41ILURE_KIND_OUT_OF_MEMORY\x10\x02\x12\x1c\n\x18\x46\x41ILURE_KIND_INTERRUPTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,22 +39,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIAL_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_TRIAL_METRICSENTRY']._loaded_options = None
   _globals['_TRIAL_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_STAGE']._serialized_start=2725
-  _globals['_STAGE']._serialized_end=2843
-  _globals['_DIRECTION']._serialized_start=2845
-  _globals['_DIRECTION']._serialized_end=2931
-  _globals['_SAMPLERKIND']._serialized_start=2933
-  _globals['_SAMPLERKIND']._serialized_end=3047
-  _globals['_EARLYSTOPPING']._serialized_start=3049
-  _globals['_EARLYSTOPPING']._serialized_end=3149
-  _globals['_STUDYSTATE']._serialized_start=3151
-  _globals['_STUDYSTATE']._serialized_end=3264
-  _globals['_TRIALSTATE']._serialized_start=3267
-  _globals['_TRIALSTATE']._serialized_end=3461
-  _globals['_DECISION']._serialized_start=3463
-  _globals['_DECISION']._serialized_end=3541
-  _globals['_FAILUREKIND']._serialized_start=3544
-  _globals['_FAILUREKIND']._serialized_end=3673
+  _globals['_STAGE']._serialized_start=2777
+  _globals['_STAGE']._serialized_end=2895
+  _globals['_DIRECTION']._serialized_start=2897
+  _globals['_DIRECTION']._serialized_end=2983
+  _globals['_SAMPLERKIND']._serialized_start=2985
+  _globals['_SAMPLERKIND']._serialized_end=3099
+  _globals['_EARLYSTOPPING']._serialized_start=3101
+  _globals['_EARLYSTOPPING']._serialized_end=3201
+  _globals['_STUDYSTATE']._serialized_start=3203
+  _globals['_STUDYSTATE']._serialized_end=3316
+  _globals['_TRIALSTATE']._serialized_start=3319
+  _globals['_TRIALSTATE']._serialized_end=3513
+  _globals['_DECISION']._serialized_start=3515
+  _globals['_DECISION']._serialized_end=3593
+  _globals['_FAILUREKIND']._serialized_start=3596
+  _globals['_FAILUREKIND']._serialized_end=3725
   _globals['_FLOATRANGE']._serialized_start=105
   _globals['_FLOATRANGE']._serialized_end=171
   _globals['_INTRANGE']._serialized_start=173
@@ -72,25 +72,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLERSPEC']._serialized_start=790
   _globals['_SAMPLERSPEC']._serialized_end=872
   _globals['_BUDGET']._serialized_start=874
-  _globals['_BUDGET']._serialized_end=923
-  _globals['_CONSTRAINT']._serialized_start=925
-  _globals['_CONSTRAINT']._serialized_end=1005
-  _globals['_WARMSTART']._serialized_start=1007
-  _globals['_WARMSTART']._serialized_end=1053
-  _globals['_STUDYSPEC']._serialized_start=1056
-  _globals['_STUDYSPEC']._serialized_end=1523
-  _globals['_TRIALCOUNTS']._serialized_start=1525
-  _globals['_TRIALCOUNTS']._serialized_end=1643
-  _globals['_STUDY']._serialized_start=1646
-  _globals['_STUDY']._serialized_end=1899
-  _globals['_RUNGREPORT']._serialized_start=1902
-  _globals['_RUNGREPORT']._serialized_end=2081
-  _globals['_RUNGREPORT_METRICSENTRY']._serialized_start=2035
-  _globals['_RUNGREPORT_METRICSENTRY']._serialized_end=2081
-  _globals['_TRIAL']._serialized_start=2084
-  _globals['_TRIAL']._serialized_end=2723
-  _globals['_TRIAL_PARAMSENTRY']._serialized_start=2600
-  _globals['_TRIAL_PARAMSENTRY']._serialized_end=2675
-  _globals['_TRIAL_METRICSENTRY']._serialized_start=2035
-  _globals['_TRIAL_METRICSENTRY']._serialized_end=2081
+  _globals['_BUDGET']._serialized_end=975
+  _globals['_CONSTRAINT']._serialized_start=977
+  _globals['_CONSTRAINT']._serialized_end=1057
+  _globals['_WARMSTART']._serialized_start=1059
+  _globals['_WARMSTART']._serialized_end=1105
+  _globals['_STUDYSPEC']._serialized_start=1108
+  _globals['_STUDYSPEC']._serialized_end=1575
+  _globals['_TRIALCOUNTS']._serialized_start=1577
+  _globals['_TRIALCOUNTS']._serialized_end=1695
+  _globals['_STUDY']._serialized_start=1698
+  _globals['_STUDY']._serialized_end=1951
+  _globals['_RUNGREPORT']._serialized_start=1954
+  _globals['_RUNGREPORT']._serialized_end=2133
+  _globals['_RUNGREPORT_METRICSENTRY']._serialized_start=2087
+  _globals['_RUNGREPORT_METRICSENTRY']._serialized_end=2133
+  _globals['_TRIAL']._serialized_start=2136
+  _globals['_TRIAL']._serialized_end=2775
+  _globals['_TRIAL_PARAMSENTRY']._serialized_start=2652
+  _globals['_TRIAL_PARAMSENTRY']._serialized_end=2727
+  _globals['_TRIAL_METRICSENTRY']._serialized_start=2087
+  _globals['_TRIAL_METRICSENTRY']._serialized_end=2133
 # @@protoc_insertion_point(module_scope)

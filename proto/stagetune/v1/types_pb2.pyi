@@ -186,12 +186,14 @@ class SamplerSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[SamplerKind, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("max_trials", "max_retries")
+    __slots__ = ("max_trials", "max_retries", "max_device_hours")
     MAX_TRIALS_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICE_HOURS_FIELD_NUMBER: _ClassVar[int]
     max_trials: int
     max_retries: int
-    def __init__(self, max_trials: _Optional[int] = ..., max_retries: _Optional[int] = ...) -> None: ...
+    max_device_hours: float
+    def __init__(self, max_trials: _Optional[int] = ..., max_retries: _Optional[int] = ..., max_device_hours: _Optional[float] = ...) -> None: ...
 
 class Constraint(_message.Message):
     __slots__ = ("metric", "max", "min")

@@ -148,6 +148,21 @@ def constraint_attrs(user_attrs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def device_seconds(metrics: dict[str, Any] | None, rungs: list[dict[str, Any]]) -> float:
+    """What one trial spent: its final ``device_seconds``, else the largest one its rung
+    reports carried (a running, stopped or failed trial's spend so far); 0 when it reported
+    none. ``rungs``: the stored values of its rung attributes."""
+    final = (metrics or {}).get("device_seconds")
+    if final is not None:
+        return float(final)
+    seen = [
+        float(r["metrics"]["device_seconds"])
+        for r in rungs
+        if "device_seconds" in r.get("metrics", {})
+    ]
+    return max(seen, default=0.0)
+
+
 def measured_metrics(user_attrs: dict[str, Any]) -> dict[str, float]:
     """A trial's final metrics; for a trial stopped at a rung, its last rung's."""
     metrics: dict[str, float] = dict(user_attrs.get(METRICS) or {})

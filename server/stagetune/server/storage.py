@@ -11,16 +11,17 @@ serving, never ``INTERNAL``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import optuna
 from google.protobuf import json_format
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from stagetune.contract.errors import AlreadyExists, NotFound
 from stagetune.contract.spec import StudySpec, spec_from_proto, spec_to_proto
@@ -56,12 +57,31 @@ class StudyTally:
 
 
 def _effective_state(
-    stored: StudyStateName, spec: StudySpec, used: int, trials: dict[TrialStateName, int]
+    stored: StudyStateName,
+    spec: StudySpec,
+    used: int,
+    trials: dict[TrialStateName, int],
+    spent: Callable[[], float] = lambda: 0.0,
 ) -> StudyStateName:
-    """A running study whose budget is handed out and of which nothing runs or waits is done."""
-    if stored != "running" or used < spec.budget.max_trials:
+    """A running study whose budget is handed out and of which nothing runs or waits is
+    done; so is one that spent its device-hours (``spent()``: its device-seconds, read only
+    when that decides) and runs nothing: what waits is never handed out."""
+    if stored != "running" or trials["running"] > 0:
         return stored
-    return "done" if trials["running"] == 0 and trials["waiting"] == 0 else stored
+    if used >= spec.budget.max_trials and trials["waiting"] == 0:
+        return "done"
+    limit = spec.budget.max_device_seconds
+    return "done" if limit is not None and spent() >= limit else stored
+
+
+def _spent(trials: list[FrozenTrial]) -> float:
+    """Device-seconds the trials reported (``attributes.device_seconds`` each)."""
+    total = 0.0
+    for t in trials:
+        ua = t.user_attrs
+        rungs = [v for k, v in ua.items() if k.startswith(at.RUNG_PREFIX)]
+        total += at.device_seconds(ua.get(at.METRICS), rungs)
+    return total
 
 
 def _no_trials() -> dict[TrialStateName, int]:
@@ -204,7 +224,9 @@ class StudyStore(TrialStore):
         for t in trials:
             counts[trial_state(t)] += 1
             used += int(t.user_attrs.get(at.ATTEMPT, 1)) == 1
-        state = _effective_state(attrs.get(at.STATE, "running"), spec, used, counts)
+        state = _effective_state(
+            attrs.get(at.STATE, "running"), spec, used, counts, lambda: _spent(trials)
+        )
         ref = attrs.get(at.REFERENCE)
         return StudyRecord(
             spec=spec,
@@ -270,7 +292,11 @@ class StudyStore(TrialStore):
             trials = counts.get(study_id, _no_trials())
             spec = self._spec(attrs[at.SPEC])
             state = _effective_state(
-                attrs.get(at.STATE, "running"), spec, used.get(study_id, 0), trials
+                attrs.get(at.STATE, "running"),
+                spec,
+                used.get(study_id, 0),
+                trials,
+                functools.partial(self.device_seconds, s.study_name, spec.fidelity.rungs()),
             )
             created = at.timestamp(attrs.get(at.CREATED)) or _now()
             hypervolume = float(attrs.get(at.HYPERVOLUME, 0.0))

@@ -163,6 +163,14 @@ class TrialService:
                 if counts.waiting == 0 and counts.budget_used >= fresh.spec.budget.max_trials:
                     why = "done" if counts.running == 0 else "its budget is handed out"
                     continue
+                # Device-hours as exactly as trials: what running trials reported counts,
+                # and nothing (a queued retry neither) is handed out once it is spent.
+                limit = fresh.spec.budget.max_device_seconds
+                if limit is not None:
+                    spent = self.store.device_seconds(name, fresh.spec.fidelity.rungs())
+                    if spent >= limit:
+                        why = "done" if counts.running == 0 else "its device budget is spent"
+                        continue
                 lease = self._lease(worker_id)
                 trial = self.policy.ask(fresh.spec, lease, queued=counts.waiting > 0)
             self.tracker.trial_started(

@@ -167,6 +167,21 @@ class TrialStore(abc.ABC):
         return [(i, m) for i, m in sorted(reports.items()) if i not in excluded]
 
     @storage_errors
+    def device_seconds(self, name: str, rung_steps: Iterable[int]) -> float:
+        """The device-seconds the study's trials reported, summed (``attributes.
+        device_seconds`` per trial), in one query: ``rung_steps`` are the study's rungs."""
+        keys = [at.METRICS, *(at.rung_key(s) for s in rung_steps)]
+        rows = rdb.trial_attrs_in_study(self.optuna_storage, self._study_id(name), keys)
+        finals: dict[int, dict[str, Any]] = {}
+        rungs: dict[int, list[dict[str, Any]]] = {}
+        for trial_id, key, value in rows:
+            if key == at.METRICS:
+                finals[trial_id] = value
+            else:
+                rungs.setdefault(trial_id, []).append(value)
+        return sum(at.device_seconds(finals.get(i), rungs.get(i, [])) for i in {*finals, *rungs})
+
+    @storage_errors
     def request(self, trial_id: int, request_id: str) -> RequestAnswer | None:
         """What was recorded for this idempotency key of the trial, if anything."""
         value = rdb.trial_attr(self.optuna_storage, trial_id, at.REQUEST_PREFIX + request_id)

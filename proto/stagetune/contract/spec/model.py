@@ -102,8 +102,16 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class BudgetSpec:
+    """How much a study may spend: trials, retries of lost attempts, and device-hours (the
+    sum of the ``device_seconds`` its trials report; None: no limit)."""
+
     max_trials: int
     max_retries: int = 2
+    max_device_hours: float | None = None
+
+    @property
+    def max_device_seconds(self) -> float | None:
+        return None if self.max_device_hours is None else self.max_device_hours * 3600.0
 
 
 @dataclass(frozen=True)

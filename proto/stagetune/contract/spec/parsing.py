@@ -166,12 +166,14 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
     )
 
     bud = as_mapping(data.get("budget"), "budget")
-    check_known(bud, {"max_trials", "max_retries"}, "budget")
+    check_known(bud, {"max_trials", "max_retries", "max_device_hours"}, "budget")
     if "max_trials" not in bud:
         raise InvalidArgument("budget.max_trials", "is required")
+    hours = bud.get("max_device_hours")
     budget = BudgetSpec(
         as_number(bud["max_trials"], "budget.max_trials", int),
         as_number(bud.get("max_retries", 2), "budget.max_retries", int),
+        None if hours is None else as_number(hours, "budget.max_device_hours"),
     )
 
     samp = as_mapping(data.get("sampler"), "sampler")

@@ -27,7 +27,15 @@ from stagetune.contract.spec.runner import RunnerSettings, parse_runner
 from stagetune.contract.stages import STAGES, ParamDef
 from stagetune.objectives.catalog import METRICS
 
-__all__ = ["MAX_MAGNITUDE", "LIMITS", "check_bounded", "check_count", "validate_spec"]
+__all__ = [
+    "MAX_MAGNITUDE",
+    "MAX_DEVICE_HOURS",
+    "LIMITS",
+    "check_bounded",
+    "check_count",
+    "check_device_hours",
+    "validate_spec",
+]
 
 # Largest magnitude of a metric value or an objective reference: hypervolumes (up to 8
 # objectives, references up to twice the first values) stay finite. No loss, latency,
@@ -42,6 +50,8 @@ LIMITS = {
     "constraints": 32,
     "warm_start.studies": 16,
 }
+#: Largest device-hour budget: a million device-hours, far above any study.
+MAX_DEVICE_HOURS = 1e6
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -50,6 +60,15 @@ def check_bounded(value: float, where: str) -> None:
     check_finite(value, where)
     if abs(value) > MAX_MAGNITUDE:
         raise InvalidArgument(where, f"must lie within +-{MAX_MAGNITUDE:g}, got {value:g}")
+
+
+def check_device_hours(hours: float | None, where: str) -> None:
+    """A device-hour budget: unset, or finite, > 0 and at most ``MAX_DEVICE_HOURS``."""
+    if hours is None:
+        return
+    check_finite(hours, where)
+    if not 0 < hours <= MAX_DEVICE_HOURS:
+        raise InvalidArgument(where, f"must be > 0 and <= {MAX_DEVICE_HOURS:g}, got {hours:g}")
 
 
 def check_count(n: int, limit: int, where: str) -> None:
@@ -198,6 +217,7 @@ def validate_spec(spec: StudySpec) -> None:
         raise InvalidArgument("budget.max_trials", "must be between 1 and 100000")
     if not 0 <= spec.budget.max_retries <= 10:
         raise InvalidArgument("budget.max_retries", "must be between 0 and 10")
+    check_device_hours(spec.budget.max_device_hours, "budget.max_device_hours")
     if spec.sampler.kind not in SAMPLERS:
         raise InvalidArgument("sampler.kind", f"must be one of {list(SAMPLERS)}")
     _validate_runner(spec)

@@ -80,6 +80,8 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
     )
     if spec.sampler.seed is not None:
         msg.sampler.seed = spec.sampler.seed
+    if spec.budget.max_device_hours is not None:
+        msg.budget.max_device_hours = spec.budget.max_device_hours
     for p in spec.search_space:
         ps = msg.search_space.add(name=p.name)
         if isinstance(p, FloatParam):
@@ -169,7 +171,11 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
         fidelity=FidelitySpec(
             msg.fidelity.min_steps, msg.fidelity.max_steps, msg.fidelity.reduction_factor
         ),
-        budget=BudgetSpec(msg.budget.max_trials, msg.budget.max_retries),
+        budget=BudgetSpec(
+            msg.budget.max_trials,
+            msg.budget.max_retries,
+            msg.budget.max_device_hours if msg.budget.HasField("max_device_hours") else None,
+        ),
         sampler=SamplerConfig(
             sampler_kind, msg.sampler.seed if msg.sampler.HasField("seed") else None
         ),
