@@ -11,6 +11,7 @@ import pytest
 
 from stagetune.contract.errors import FailedPrecondition
 from stagetune.trainer.overlap import (
+    DEFAULT_MAX_FRACTION,
     OverlapRefused,
     check_overlap,
     measure_overlap,
@@ -124,7 +125,8 @@ def test_a_duplicate_laden_file_is_refused_with_the_counts_an_exhaustive_search_
     assert sum(exact + near for exact, near in found.values()) > 10
     for (held, ref), (exact, near) in found.items():
         pair = f"{held} vs {ref}: {exact + near} of {len(texts[held])} rows"
-        assert (pair in str(refused.value)) == ((exact + near) / len(texts[held]) > 0.01)
+        overlapping = (exact + near) / len(texts[held])
+        assert (pair in str(refused.value)) == (overlapping > DEFAULT_MAX_FRACTION)
 
 
 def test_dropping_the_overlapping_rows_leaves_splits_that_pass() -> None:

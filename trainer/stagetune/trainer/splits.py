@@ -37,6 +37,7 @@ __all__ = [
     "SplitFractions",
     "SplitSpec",
     "example_key",
+    "split_of_key",
     "assign_split",
     "split_indices",
     "split_rows",
@@ -158,7 +159,8 @@ def example_key(
     return hashlib.sha256(f"{_KEY_VERSION}\n{canonical}".encode()).hexdigest()
 
 
-def _split_of_key(key: str, fractions: SplitFractions) -> Split:
+def split_of_key(key: str, fractions: SplitFractions) -> Split:
+    """The split of an example whose ``example_key`` is ``key``."""
     position = int(key[:16], 16) / 2**64  # uniform in [0, 1)
     if position < fractions.train:
         return "train"
@@ -170,7 +172,7 @@ def _split_of_key(key: str, fractions: SplitFractions) -> Split:
 def assign_split(row: Mapping[str, Any], spec: SplitSpec | None = None) -> Split:
     """The split ``row`` belongs to."""
     spec = spec or SplitSpec()
-    return _split_of_key(example_key(row, spec.fields, spec.prefix_until), spec.fractions)
+    return split_of_key(example_key(row, spec.fields, spec.prefix_until), spec.fractions)
 
 
 def split_indices(
