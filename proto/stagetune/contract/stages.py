@@ -38,7 +38,18 @@ __all__ = [
 ]
 
 #: Top-level keys allowed in a study's ``runner`` section.
-RUNNER_KEYS = frozenset({"model", "data", "training", "cache_dir", "processes", "save_model"})
+RUNNER_KEYS = frozenset(
+    {
+        "model",
+        "data",
+        "training",
+        "cache_dir",
+        "processes",
+        "save_model",
+        "evaluate",
+        "reference_model",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,10 @@ from stagetune.contract.spec.model import (
 )
 from stagetune.contract.spec.parsing import load_spec_file, spec_from_mapping
 from stagetune.contract.spec.runner import (
+    DEFAULT_MAX_OVERLAP,
     DataSource,
+    DataSplit,
+    EvaluateSplit,
     ModelSource,
     RunnerSettings,
     parse_runner,
@@ -71,6 +74,9 @@ __all__ = [
     "StudySpec",
     "ModelSource",
     "DataSource",
+    "DataSplit",
+    "EvaluateSplit",
+    "DEFAULT_MAX_OVERLAP",
     "RunnerSettings",
     "parse_runner",
     "parse_training",

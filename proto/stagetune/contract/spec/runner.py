@@ -7,6 +7,12 @@ naming the field of the first bad value (``runner.training.zero_stage: must be o
 [0, 1, 2, 3], got 4``). The server parses it to validate a spec; a trial process parses
 it again, with the trial's params on top, and reads nothing else. Shape only: no file is
 opened here (``stagetune.contract.datafiles`` does that).
+
+Honest evaluation lives here too: ``runner.data.split`` (how a source is cut into train /
+eval / test by a hash of each example, done by ``stagetune.trainer.splits``),
+``runner.data.max_overlap`` (the most near-duplicate overlap between splits a trial accepts)
+and ``runner.evaluate`` (a trial that trains nothing and scores ``runner.model`` on the
+held-out split it names; only such a trial ever reads test).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.spec.fields import as_mapping, as_number, check_known
@@ -23,7 +29,10 @@ from stagetune.contract.training import TrainingSettings
 
 __all__ = [
     "TINY_MODEL_KEYS",
+    "DEFAULT_MAX_OVERLAP",
+    "EvaluateSplit",
     "ModelSource",
+    "DataSplit",
     "DataSource",
     "RunnerSettings",
     "parse_runner",
@@ -33,6 +42,17 @@ __all__ = [
 #: Settings of a tiny model built in code (``runner.model.tiny``); each an int >= 1.
 TINY_MODEL_KEYS = frozenset({"hidden_size", "num_layers", "num_heads", "intermediate_size"})
 _SYNTHETIC_TASKS = ("arithmetic",)
+_SPLITS = ("train", "eval", "test")
+
+#: The held-out split an evaluation trial scores its model on.
+EvaluateSplit = Literal["eval", "test"]
+
+#: Above this fraction of a held-out split sharing text (exact or a 13-gram) with an earlier
+#: split, a trial refuses to start; below it the overlapping held-out rows are dropped.
+#: Real data passes: GSM8K's rephrased problems overlap ~1.3% (eval) and ~1.1% (test) of
+#: rows, hh-rlhf split by its opening human turn 0%; a split key that keeps no related
+#: examples together does not (hh-rlhf split row by row: ~7% of eval, ~9% of test).
+DEFAULT_MAX_OVERLAP = 0.02
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +75,34 @@ class ModelSource:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataSplit:
+    """``runner.data.split``: each example's split is decided by a hash of its key fields,
+    so the same example lands in the same split in every trial and adding rows moves none.
+
+    YAML: ``{fractions: {train: 0.8, eval: 0.1, test: 0.1}, fields: [...], prefix_until:
+    "..."}``, every key optional.
+    """
+
+    fractions: tuple[float, float, float] = field(
+        default=(0.8, 0.1, 0.1), metadata={"help": "train, eval and test shares (sum 1)"}
+    )
+    fields: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "the fields that identify an example (default: the prompt columns; "
+            "the text column for pretraining; DPO without prompt columns: the chosen "
+            "text up to its first assistant turn, so dialogues that open alike share a split)"
+        },
+    )
+    prefix_until: str | None = field(
+        default=None, metadata={"help": "key each field on its start, up to this marker"}
+    )
+
+    def fraction(self, split: str) -> float:
+        return self.fractions[_SPLITS.index(split)]
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataSource:
     """``runner.data``: the synthetic task, or a local file (JSON/JSONL, gzipped or not,
     Parquet, or a saved ``datasets`` folder) with the columns each stage reads."""
@@ -64,7 +112,15 @@ class DataSource:
     )
     path: str | None = field(default=None, metadata={"help": "a local data file or folder"})
     train_size: int = field(default=256, metadata={"help": "training examples (at most)"})
-    eval_size: int = field(default=32, metadata={"help": "held-out examples (at most)"})
+    eval_size: int = field(default=32, metadata={"help": "eval examples (at most)"})
+    test_size: int | None = field(
+        default=None, metadata={"help": "test examples an evaluation reads (default: eval_size)"}
+    )
+    split: DataSplit = field(default_factory=DataSplit, metadata={"help": "see DataSplit"})
+    max_overlap: float = field(
+        default=DEFAULT_MAX_OVERLAP,
+        metadata={"help": "refuse splits overlapping more than this fraction (0 to 1)"},
+    )
     prompt_columns: tuple[str, ...] = field(
         default=("prompt",),
         metadata={"help": "columns joined by newlines into the prompt (DPO: may be empty)"},
@@ -85,6 +141,14 @@ class DataSource:
                 out[key] = names
         return out
 
+    def size(self, split: str) -> int:
+        """How many rows of ``split`` a trial reads (at most)."""
+        if split == "train":
+            return self.train_size
+        if split == "test" and self.test_size is not None:
+            return self.test_size
+        return self.eval_size
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunnerSettings:
@@ -102,6 +166,20 @@ class RunnerSettings:
     save_model: bool = field(
         default=False, metadata={"help": "save the trained model for a next stage"}
     )
+    evaluate: EvaluateSplit | None = field(
+        default=None,
+        metadata={
+            "help": "train nothing: score runner.model on this held-out split (eval or "
+            "test) and report every objective measured there"
+        },
+    )
+    reference_model: ModelSource | None = field(
+        default=None,
+        metadata={
+            "help": "DPO: the model the policy's implicit reward is measured against (what "
+            "it was trained from); needed to evaluate a trained DPO model"
+        },
+    )
 
 
 def _stage(name: str) -> StageDef:
@@ -111,29 +189,29 @@ def _stage(name: str) -> StageDef:
     return stage
 
 
-def _model(data: Mapping[str, Any]) -> ModelSource:
+def _model(data: Mapping[str, Any], where: str = "runner.model") -> ModelSource:
     if ("name_or_path" in data) == ("tiny" in data):
-        raise InvalidArgument("runner.model", "needs exactly one of name_or_path or tiny")
-    check_known(data, {"name_or_path", "tiny"}, "runner.model")
+        raise InvalidArgument(where, "needs exactly one of name_or_path or tiny")
+    check_known(data, {"name_or_path", "tiny"}, where)
     if "tiny" in data:
-        tiny = as_mapping(data["tiny"], "runner.model.tiny")
-        check_known(tiny, TINY_MODEL_KEYS, "runner.model.tiny")
+        tiny = as_mapping(data["tiny"], f"{where}.tiny")
+        check_known(tiny, TINY_MODEL_KEYS, f"{where}.tiny")
         sizes: dict[str, int] = {}
         for key, value in tiny.items():
-            sizes[key] = as_number(value, f"runner.model.tiny.{key}", int)
+            sizes[key] = as_number(value, f"{where}.tiny.{key}", int)
             if sizes[key] < 1:
-                raise InvalidArgument(f"runner.model.tiny.{key}", "must be >= 1")
+                raise InvalidArgument(f"{where}.tiny.{key}", "must be >= 1")
         return ModelSource(tiny=sizes)
     name = data["name_or_path"]
     if not isinstance(name, str) or not name:
-        raise InvalidArgument("runner.model.name_or_path", "must be a non-empty string")
+        raise InvalidArgument(f"{where}.name_or_path", "must be a non-empty string")
     return ModelSource(name_or_path=name)
 
 
 def _data(stage: StageDef, data: Mapping[str, Any]) -> DataSource:
     if ("synthetic" in data) == ("path" in data):
         raise InvalidArgument("runner.data", "needs exactly one of synthetic or path")
-    keys = {"synthetic", "path", "train_size", "eval_size", *stage.data_columns}
+    keys = {"synthetic", "path", *_SIZES, "split", "max_overlap", *stage.data_columns}
     check_known(data, keys, "runner.data")
     values: dict[str, Any] = dict(stage.data_defaults)
     if "synthetic" in data:
@@ -158,12 +236,61 @@ def _data(stage: StageDef, data: Mapping[str, Any]) -> DataSource:
             want = "a non-empty list of column names" if many else "a name"
             raise InvalidArgument(f"runner.data.{key}", f"must be {want}")
         values[key] = tuple(names) if many else value
-    for key in ("train_size", "eval_size"):
+    for key in _SIZES:
         if key in data:
             values[key] = as_number(data[key], f"runner.data.{key}", int)
             if values[key] < 1:
                 raise InvalidArgument(f"runner.data.{key}", "must be >= 1")
+    if "split" in data:
+        values["split"] = _split(as_mapping(data["split"], "runner.data.split"))
+    if "max_overlap" in data:
+        limit = as_number(data["max_overlap"], "runner.data.max_overlap")
+        if not 0.0 <= limit <= 1.0:
+            raise InvalidArgument(
+                "runner.data.max_overlap", f"must be between 0 and 1, got {limit}"
+            )
+        values["max_overlap"] = limit
     return DataSource(**values)
+
+
+_SIZES = ("train_size", "eval_size", "test_size")
+
+
+def _split(data: Mapping[str, Any]) -> DataSplit:
+    where = "runner.data.split"
+    check_known(data, {"fractions", "fields", "prefix_until"}, where)
+    values: dict[str, Any] = {}
+    if "fractions" in data:
+        given = as_mapping(data["fractions"], f"{where}.fractions")
+        check_known(given, set(_SPLITS), f"{where}.fractions")
+        shares = dict(zip(_SPLITS, DataSplit().fractions, strict=True))
+        for name, value in given.items():
+            shares[name] = as_number(value, f"{where}.fractions.{name}")
+            if not 0.0 <= shares[name] <= 1.0:
+                raise InvalidArgument(
+                    f"{where}.fractions.{name}", f"must be between 0 and 1, got {value}"
+                )
+        total = sum(shares.values())
+        if abs(total - 1.0) > 1e-9:
+            raise InvalidArgument(
+                f"{where}.fractions", f"train + eval + test must be 1, got {total:g}"
+            )
+        values["fractions"] = tuple(shares[name] for name in _SPLITS)
+    if "fields" in data:
+        fields = data["fields"]
+        if (
+            not isinstance(fields, list)
+            or not fields
+            or not all(isinstance(f, str) and f for f in fields)
+        ):
+            raise InvalidArgument(f"{where}.fields", "must be a non-empty list of field names")
+        values["fields"] = tuple(fields)
+    if "prefix_until" in data:
+        marker = data["prefix_until"]
+        if not isinstance(marker, str) or not marker:
+            raise InvalidArgument(f"{where}.prefix_until", "must be a non-empty string")
+        values["prefix_until"] = marker
+    return DataSplit(**values)
 
 
 def parse_training(
@@ -206,6 +333,16 @@ def parse_runner(
     save_model = runner.get("save_model", False)
     if not isinstance(save_model, bool):
         raise InvalidArgument("runner.save_model", "must be true or false")
+    evaluate = runner.get("evaluate")
+    if evaluate is not None and evaluate not in get_args(EvaluateSplit):
+        raise InvalidArgument("runner.evaluate", f"must be eval or test, got {evaluate!r}")
+    _check_fractions(data.split, evaluate)
+    reference = None
+    if "reference_model" in runner:
+        if stage != "dpo":
+            raise InvalidArgument("runner.reference_model", "only the dpo stage has a reference")
+        where = "runner.reference_model"
+        reference = _model(as_mapping(runner["reference_model"], where), where)
     return RunnerSettings(
         model=model,
         data=data,
@@ -213,4 +350,15 @@ def parse_runner(
         cache_dir=cache_dir,
         processes=processes,
         save_model=save_model,
+        evaluate=evaluate,
+        reference_model=reference,
     )
+
+
+def _check_fractions(split: DataSplit, evaluate: str | None) -> None:
+    """A training trial needs train and eval rows; an evaluation needs its split's."""
+    needed = ("train", "eval") if evaluate is None else (evaluate,)
+    for name in needed:
+        if split.fraction(name) <= 0:
+            why = "an evaluation reads it" if evaluate else "a training trial reads it"
+            raise InvalidArgument(f"runner.data.split.fractions.{name}", f"must be > 0: {why}")
