@@ -12,6 +12,7 @@ tracker is told afterwards, and tracking failures never reach the caller.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,7 +70,9 @@ class StudyService:
                     self.policy.enqueue(spec, params, attempt=1, source=source)
             record = self.store.get_study(spec.name)
         if created or not record.mlflow_run_id:
-            experiment_id, run_id = self.tracker.study_created(spec)
+            # A slow tracking server answers after this call returns: stored when it does.
+            late = functools.partial(self.store.set_study_tracking, spec.name)
+            experiment_id, run_id = self.tracker.study_created(spec, on_late=late)
             if run_id:
                 self.store.set_study_tracking(spec.name, experiment_id, run_id)
                 record = dataclasses.replace(

@@ -48,8 +48,11 @@ _RUN_STATUS = {
 class Tracker(Protocol):
     """What the study service reports to the review surface. Never raises."""
 
-    def study_created(self, spec: StudySpec) -> tuple[str, str]:
-        """Experiment id and parent run id ("" when unknown)."""
+    def study_created(
+        self, spec: StudySpec, on_late: Callable[[str, str], None] | None = None
+    ) -> tuple[str, str]:
+        """Experiment id and parent run id ("" when unknown). When the tracking store is
+        too slow to answer in time, ``on_late`` gets them once the run is made."""
         ...
 
     def trial_started(
@@ -90,7 +93,9 @@ class Tracker(Protocol):
 class NullTracker:
     """Tracking switched off."""
 
-    def study_created(self, spec: StudySpec) -> tuple[str, str]:
+    def study_created(
+        self, spec: StudySpec, on_late: Callable[[str, str], None] | None = None
+    ) -> tuple[str, str]:
         return "", ""
 
     def trial_started(
@@ -135,7 +140,8 @@ def local_artifact_root(tracking_uri: str, data_dir: Path) -> Path | None:
     server, so the UI, workers and the next stage on other machines read them. A local store
     (a database or folder path) would otherwise put them in ``./mlruns`` of whatever folder
     the server started in: they go to ``data_dir/mlartifacts`` instead."""
-    if urlsplit(tracking_uri).scheme in _SERVER_SCHEMES:
+    # ("databricks" alone is a URI too: the default Databricks profile.)
+    if (urlsplit(tracking_uri).scheme or tracking_uri) in _SERVER_SCHEMES:
         return None
     return data_dir / "mlartifacts"
 
@@ -256,8 +262,25 @@ class MlflowTracker:
 
     # ------------------------------------------------------------ events
 
-    def study_created(self, spec: StudySpec) -> tuple[str, str]:
-        return self._wait(self._submit(self._parent, spec), ("", ""))
+    def study_created(
+        self, spec: StudySpec, on_late: Callable[[str, str], None] | None = None
+    ) -> tuple[str, str]:
+        made = self._submit(self._parent, spec)
+        ids: tuple[str, str] = self._wait(made, ("", ""))
+        if not ids[1] and on_late is not None:
+
+            def late(done: Future[Any]) -> None:
+                result = None if done.cancelled() else done.result()
+                if result and result[1]:
+                    try:
+                        on_late(*result)
+                    except Exception:
+                        _log.warning(
+                            "could not record the MLflow run of %s", spec.name, exc_info=True
+                        )
+
+            made.add_done_callback(late)
+        return ids
 
     def trial_started(
         self, spec: StudySpec, trial: TrialRecord, on_run_id: Callable[[str], None]
