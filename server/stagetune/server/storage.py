@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -156,6 +157,11 @@ class StudyStore(TrialStore):
                 if team:
                     s.set_study_user_attr(study_id, at.TEAM, team)
                 s.set_study_user_attr(study_id, at.STATE, "running")
+                # optuna-dashboard and Optuna's own plots name the objectives from this
+                # (else "Objective 0/1/2"). Public API, marked experimental since Optuna 3.2.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.Study(spec.name, s).set_metric_names(spec.metric_names)
             except Exception:
                 # A half-written study would block the name forever: remove it.
                 self.optuna_storage.delete_study(study_id)

@@ -260,7 +260,7 @@ class TrialService:
             self.store.renew_lease(trial_id, lease)
             # A repeated report of a step keeps the first metrics (the first answer counts).
             if not any(r.step == step for r in trial.rungs):
-                self.store.record_rung(trial_id, step, metrics)
+                self.store.record_rung(trial_id, step, metrics, study.spec.objectives[0].metric)
                 self.tracker.trial_progress(trial, step, metrics)
             violation = study.spec.violated(metrics)
             if study.state != "running" and study.state != "done":

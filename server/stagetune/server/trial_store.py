@@ -240,10 +240,17 @@ class TrialStore(abc.ABC):
         rdb.set_trial_attrs(self.optuna_storage, trial_id, {at.LEASE: expires})
 
     @storage_errors
-    def record_rung(self, trial_id: int, step: int, metrics: dict[str, float]) -> None:
+    def record_rung(
+        self, trial_id: int, step: int, metrics: dict[str, float], primary: str = ""
+    ) -> None:
+        """Store a rung report. ``primary`` (the first objective's metric), when reported, is
+        also the trial's Optuna intermediate value at ``step`` (Optuna keeps one value per
+        step), so optuna-dashboard shows the rungs; the whole report is a user attribute."""
         self.optuna_storage.set_trial_user_attr(
             trial_id, at.rung_key(step), at.rung_value(metrics, _now())
         )
+        if primary in metrics:
+            self.optuna_storage.set_trial_intermediate_value(trial_id, step, metrics[primary])
 
     @storage_errors
     def record_request(self, trial_id: int, request: RequestAnswer) -> None:
