@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export TORCH
 
-.PHONY: setup demo test test-all soak proto lint typecheck clean models
+.PHONY: setup system-deps demo test test-all soak proto lint typecheck clean models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,10 +21,24 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv and install everything
 
+# Debian packages the checks need and pip cannot give: Chromium for the browser test and
+# promtool (package prometheus) for the alert rules. Installed when missing where we are
+# root with apt-get (CI, a fresh container); elsewhere those checks skip and say why.
+SYSTEM_TOOLS := chromium:chromium promtool:prometheus
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not installing$$missing (needs root and apt-get): those checks skip"; fi; fi
+
 demo: setup  ## a small real LoRA study on CPU: server + 2 workers + MLflow, ~5 min
 	$(BIN)/stagetune demo
 
-test: setup  ## lint, type-check and the full test suite (what CI runs)
+test: setup system-deps  ## lint, type-check and the full test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	PYTHONPATH=proto:server:trainer:objectives $(BIN)/lint-imports --no-logo
