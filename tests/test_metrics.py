@@ -5,7 +5,6 @@ count in the scrape is checked against what the test did."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
@@ -208,7 +207,9 @@ def test_the_scrape_tallies_agree_with_each_study_record(
         assert tallies[name].hypervolume == record.hypervolume, name
 
 
-def test_metrics_are_off_unless_a_port_is_given(tmp_path: Path) -> None:
+def test_metrics_are_off_unless_a_port_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     srv = make_server(ServerSettings(port=0, data_dir=tmp_path, tracking_uri="")).start()
     try:
         assert srv.metrics is None and srv.metrics_port == 0
@@ -216,11 +217,8 @@ def test_metrics_are_off_unless_a_port_is_given(tmp_path: Path) -> None:
         srv.stop(grace=0)
     parser = build_parser()
     assert parser.parse_args(["serve"]).metrics_port == 0
-    os.environ["STAGETUNE_METRICS_PORT"] = "9464"  # (conftest clears STAGETUNE_* per test)
-    try:
-        assert build_parser().parse_args(["serve"]).metrics_port == 9464
-    finally:
-        del os.environ["STAGETUNE_METRICS_PORT"]
+    monkeypatch.setenv("STAGETUNE_METRICS_PORT", "9464")  # as the deploy files set it
+    assert build_parser().parse_args(["serve"]).metrics_port == 9464
 
 
 def test_a_port_out_of_range_is_refused_naming_the_setting(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from stagetune.contract.client import StudyClient, WorkerClient
-from stagetune.contract.spec import BudgetSpec, StudySpec
+from stagetune.contract.spec import BudgetSpec, StudySpec, load_spec_file
 from stagetune.server.app import StagetuneServer
-from tests.conftest import objective_metrics, start_server
+from tests.conftest import REPO, objective_metrics, start_server
 from tests.deploy_manifests import (
     DEPLOY,
     by_kind,
@@ -106,9 +106,6 @@ def test_a_wrong_expectation_fails_the_rule_tests(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     """A scrape of a real server after a little real work (one trial completed)."""
-    from stagetune.contract.spec import load_spec_file
-    from tests.conftest import REPO
-
     folder = tmp_path_factory.mktemp("monitored")
     srv: StagetuneServer = start_server(folder, tracking_uri="", metrics_port=0)
     spec: StudySpec = dataclasses.replace(
