@@ -272,7 +272,7 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
     from stagetune.contract.datafiles import check_data_files, columns_of
     from stagetune.trainer.tasks import load_sft_dataset
 
-    rows = [{"q": f"What is {i} plus 1?", "a": str(i + 1), "noise": i} for i in range(20)]
+    rows = [{"q": f"What is {i} plus 1?", "a": str(i + 1), "noise": i} for i in range(100)]
     table = datasets.Dataset.from_list(rows)
     if kind == "parquet":
         path = tmp_path / "pairs.parquet"
@@ -290,7 +290,7 @@ def test_parquet_a_saved_dataset_and_gzipped_jsonl_load_with_a_column_mapping(
         "prompt_columns": ["q"],
         "completion_column": "a",
         "train_size": 16,
-        "eval_size": 4,  # the eval split is at most a fifth of the rows
+        "eval_size": 4,
     }
     data = config("sft")
     data["runner"]["data"] = cfg

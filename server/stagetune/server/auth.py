@@ -330,7 +330,9 @@ class Tenancy:
             self._not_taken(name, identity)
 
 
-def acquire_for_team(service: TrialService, worker_id: str, team: str) -> Acquired | NoWork:
+def acquire_for_team(
+    service: TrialService, worker_id: str, team: str, gpus: int | None = None
+) -> Acquired | NoWork:
     """``service.acquire`` without a study name, limited to ``team``'s studies."""
     mine = {name for name, owner in service.store.owners().items() if owner == team}
-    return service.acquire(worker_id, among=mine)
+    return service.acquire(worker_id, among=mine, gpus=gpus)

@@ -151,19 +151,21 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         self._tracking_uri = tracking_uri
         self._tenancy = Tenancy(service.store)
 
-    def _acquire(self, worker_id: str, study_name: str) -> Acquired | NoWork:
+    def _acquire(self, worker_id: str, study_name: str, gpus: int | None) -> Acquired | NoWork:
         identity = current_identity()
         if identity is None or identity.is_admin:
-            return self._service.acquire(worker_id, study_name)
+            return self._service.acquire(worker_id, study_name, gpus=gpus)
         if study_name:
             self._tenancy.check_study(study_name)
-            return self._service.acquire(worker_id, study_name)
-        return acquire_for_team(self._service, worker_id, identity.team)
+            return self._service.acquire(worker_id, study_name, gpus=gpus)
+        return acquire_for_team(self._service, worker_id, identity.team, gpus)
 
     def AcquireTrial(
         self, request: ws.AcquireTrialRequest, context: grpc.ServicerContext
     ) -> ws.AcquireTrialResponse:
-        result = self._acquire(request.worker_id, request.study_name)
+        # A worker from before capabilities were honoured sends none: it gets any trial.
+        caps = request.capabilities if request.HasField("capabilities") else None
+        result = self._acquire(request.worker_id, request.study_name, caps.gpus if caps else None)
         if isinstance(result, Acquired):
             assignment = ws.Assignment(
                 trial=trial_to_proto(result.trial),

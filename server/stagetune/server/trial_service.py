@@ -110,22 +110,28 @@ class TrialService:
         return TrialLease(worker_id, self._lease_until())
 
     def acquire(
-        self, worker_id: str, study_name: str = "", among: Collection[str] | None = None
+        self,
+        worker_id: str,
+        study_name: str = "",
+        among: Collection[str] | None = None,
+        gpus: int | None = None,
     ) -> Acquired | NoWork:
         """Hand out a trial: the one this worker still holds, else a queued retry, else the
         next ready suggestion. Reads no trial table: two count queries and one insert.
-        Without ``study_name``: from any running study, or only those named in ``among``."""
+        Without ``study_name``: from any running study, or only those named in ``among``.
+        ``gpus``: the GPUs the worker has (None: not said); a GPU worker never gets a trial
+        of a study whose ``runner.processes`` (one rank per GPU) needs more than that."""
         began = time.perf_counter()
         outcome: AcquireOutcome = "error"
         try:
-            got = self._acquire(worker_id, study_name, among)
+            got = self._acquire(worker_id, study_name, among, gpus)
             outcome = "trial" if isinstance(got, Acquired) else "no_work"
             return got
         finally:
             self.events.acquired(time.perf_counter() - began, outcome)
 
     def _acquire(
-        self, worker_id: str, study_name: str, among: Collection[str] | None
+        self, worker_id: str, study_name: str, among: Collection[str] | None, gpus: int | None
     ) -> Acquired | NoWork:
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
@@ -153,6 +159,10 @@ class TrialService:
             name = head.spec.name
             if head.state != "running":
                 why = head.state
+                continue
+            ranks = _ranks(head.spec)
+            if gpus and ranks > gpus:
+                why = f"a trial needs {ranks} GPUs; this worker has {gpus}"
                 continue
             with self._lock(name), self.store.exclusive(name):
                 fresh = self.store.study_head(name)
@@ -418,3 +428,9 @@ class TrialService:
                     self.events.lease_expired()
                     _log.warning("reaped trial %d of %s (%s)", t.trial_id, study.spec.name, silent)
         return reaped
+
+
+def _ranks(spec: StudySpec) -> int:
+    """Processes (ranks) one trial of ``spec`` runs on: one GPU each on a GPU worker."""
+    processes = spec.runner.get("processes")
+    return processes if isinstance(processes, int) and processes > 0 else 1
