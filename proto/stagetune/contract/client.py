@@ -249,12 +249,15 @@ class WorkerClient(_Client):
         hostname: str = "",
         gpus: int = 0,
         processes: int = 1,
+        scripts: Iterable[str] = (),
     ) -> ws.Assignment | ws.NoTrial:
-        """A trial to run, or a ``NoTrial`` that says when to ask again."""
+        """A trial to run, or a ``NoTrial`` that says when to ask again. ``scripts``: the
+        names of the training scripts this worker's operator allows (custom stage)."""
+        capabilities = ws.WorkerCapabilities(
+            hostname=hostname, gpus=gpus, processes=processes, scripts=sorted(scripts)
+        )
         request = ws.AcquireTrialRequest(
-            worker_id=worker_id,
-            study_name=study_name,
-            capabilities=ws.WorkerCapabilities(hostname=hostname, gpus=gpus, processes=processes),
+            worker_id=worker_id, study_name=study_name, capabilities=capabilities
         )
         reply = self._call(self._stub.AcquireTrial, request)
         return reply.assignment if reply.WhichOneof("result") == "assignment" else reply.no_trial

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.spec import DataSource, StudySpec, parse_runner
-from stagetune.contract.stages import STAGES
+from stagetune.contract.stages import CUSTOM, STAGES
 
 __all__ = ["columns_of", "check_data_files", "check_data_source", "SUFFIXES"]
 
@@ -74,6 +74,8 @@ def check_data_files(spec: StudySpec) -> None:
     """On the submitting machine: refuse a data file this machine has that lacks a
     column the spec maps, or that is no data file, naming the ``runner.data`` field. A
     path this machine does not have (a worker's own disk) is left to the worker."""
+    if spec.stage == CUSTOM.name:
+        return  # a custom script reads data of its own: the spec names no file
     data = parse_runner(spec.stage, spec.runner).data
     check_data_source(spec.stage, data, must_exist=False)
 

@@ -15,6 +15,7 @@ from typing import Any
 from stagetune.contract.names import EnumNames
 from stagetune.contract.training import (
     REWARD_FUNCTIONS,
+    CustomTraining,
     DPOTraining,
     GRPOTraining,
     LoRATraining,
@@ -32,6 +33,8 @@ __all__ = [
     "ParamDef",
     "StageDef",
     "STAGES",
+    "CUSTOM",
+    "find_stage",
     "STAGE_NAMES",
     "RUNNER_KEYS",
     "REWARD_FUNCTIONS",
@@ -165,5 +168,26 @@ STAGES: dict[str, StageDef] = {
     ),
 }
 
+#: A team's own training script. A study names it (``runner.script: finetune``); a worker
+#: runs it only when its operator allowed a script of that name (``stagetune worker
+#: --allow-script finetune=PATH``), so a spec never carries a command. Not among ``STAGES``
+#: (the built-in runners): it has no packaged config, defaults or data columns; a study
+#: names its own search space (the common knobs, or names of the script's own) and the
+#: metrics its script reports (``stagetune.contract.spec.custom``).
+CUSTOM = StageDef(
+    name="custom",
+    summary="a team's own training script, one the worker's operator allows (runner.script)",
+    settings=CustomTraining,
+    # The trial process the worker starts with the allowed script's path.
+    runner="stagetune.trainer.custom_trial:main",
+    default_objectives=(),
+)
+
+
+def find_stage(name: str) -> StageDef | None:
+    """The stage called ``name``: a built-in one or ``custom``; None when there is none."""
+    return CUSTOM if name == CUSTOM.name else STAGES.get(name)
+
+
 #: Stage names <-> ``stagetune.v1.Stage`` values (``"sft"`` <-> ``STAGE_SFT``).
-STAGE_NAMES: EnumNames[str, pb.Stage] = EnumNames(pb.Stage, "STAGE_", tuple(STAGES))
+STAGE_NAMES: EnumNames[str, pb.Stage] = EnumNames(pb.Stage, "STAGE_", (*STAGES, CUSTOM.name))

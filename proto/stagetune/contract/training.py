@@ -32,6 +32,7 @@ __all__ = [
     "LoRATraining",
     "DPOTraining",
     "GRPOTraining",
+    "CustomTraining",
     "knobs",
 ]
 
@@ -238,6 +239,15 @@ class GRPOTraining(TrainingSettings):
         choices=tuple(REWARD_FUNCTIONS),
         searchable=False,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CustomTraining(TrainingSettings):
+    """A team's own training script (the ``custom`` stage). The knobs every stage has are
+    checked as they are for every stage when a study names them; a custom study may also
+    search or fix names of the script's own (``label_smoothing``, ``lora_r``), which only
+    the script interprets (``stagetune.contract.spec.custom``). The script receives exactly
+    what the study sets (``stagetune.sdk.current_trial().settings``), never these defaults."""
 
 
 _KINDS: dict[type, ParamKind] = {float: "float", int: "int", str: "str", bool: "bool"}

@@ -19,6 +19,7 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_LORA: _ClassVar[Stage]
     STAGE_DPO: _ClassVar[Stage]
     STAGE_GRPO: _ClassVar[Stage]
+    STAGE_CUSTOM: _ClassVar[Stage]
 
 class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -74,6 +75,7 @@ STAGE_SFT: Stage
 STAGE_LORA: Stage
 STAGE_DPO: Stage
 STAGE_GRPO: Stage
+STAGE_CUSTOM: Stage
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_MINIMIZE: Direction
 DIRECTION_MAXIMIZE: Direction

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from stagetune.v1 import types_pb2 as stagetune_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stagetune/v1/worker_service.proto\x12\x0cstagetune.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18stagetune/v1/types.proto\"G\n\x12WorkerCapabilities\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04gpus\x18\x02 \x01(\x05\x12\x11\n\tprocesses\x18\x03 \x01(\x05\"t\n\x13\x41\x63quireTrialRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x36\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32 .stagetune.v1.WorkerCapabilities\x12\x12\n\nstudy_name\x18\x03 \x01(\t\"\xd2\x01\n\nAssignment\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.stagetune.v1.StudySpec\x12\x12\n\nrung_steps\x18\x03 \x03(\x03\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13mlflow_tracking_uri\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\"I\n\x07NoTrial\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"{\n\x14\x41\x63quireTrialResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.stagetune.v1.AssignmentH\x00\x12)\n\x08no_trial\x18\x02 \x01(\x0b\x32\x15.stagetune.v1.NoTrialH\x00\x42\x08\n\x06result\"\xd1\x01\n\x15ReportProgressRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x41\n\x07metrics\x18\x04 \x03(\x0b\x32\x30.stagetune.v1.ReportProgressRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x89\x01\n\x16ReportProgressResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.stagetune.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x10HeartbeatRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\"_\n\x11HeartbeatResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bshould_stop\x18\x02 \x01(\x08\"\xc1\x01\n\x14\x43ompleteTrialRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.stagetune.v1.CompleteTrialRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x15\x43ompleteTrialResponse\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\"\x84\x01\n\x10\x46\x61ilTrialRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.stagetune.v1.FailureKind\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"I\n\x11\x46\x61ilTrialResponse\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\x12\x10\n\x08requeued\x18\x02 \x01(\x08\x32\xb9\x03\n\rWorkerService\x12U\n\x0c\x41\x63quireTrial\x12!.stagetune.v1.AcquireTrialRequest\x1a\".stagetune.v1.AcquireTrialResponse\x12[\n\x0eReportProgress\x12#.stagetune.v1.ReportProgressRequest\x1a$.stagetune.v1.ReportProgressResponse\x12L\n\tHeartbeat\x12\x1e.stagetune.v1.HeartbeatRequest\x1a\x1f.stagetune.v1.HeartbeatResponse\x12X\n\rCompleteTrial\x12\".stagetune.v1.CompleteTrialRequest\x1a#.stagetune.v1.CompleteTrialResponse\x12L\n\tFailTrial\x12\x1e.stagetune.v1.FailTrialRequest\x1a\x1f.stagetune.v1.FailTrialResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stagetune/v1/worker_service.proto\x12\x0cstagetune.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18stagetune/v1/types.proto\"X\n\x12WorkerCapabilities\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04gpus\x18\x02 \x01(\x05\x12\x11\n\tprocesses\x18\x03 \x01(\x05\x12\x0f\n\x07scripts\x18\x04 \x03(\t\"t\n\x13\x41\x63quireTrialRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x36\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32 .stagetune.v1.WorkerCapabilities\x12\x12\n\nstudy_name\x18\x03 \x01(\t\"\xd2\x01\n\nAssignment\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.stagetune.v1.StudySpec\x12\x12\n\nrung_steps\x18\x03 \x03(\x03\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13mlflow_tracking_uri\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\"I\n\x07NoTrial\x12.\n\x0bretry_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x02 \x01(\t\"{\n\x14\x41\x63quireTrialResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.stagetune.v1.AssignmentH\x00\x12)\n\x08no_trial\x18\x02 \x01(\x0b\x32\x15.stagetune.v1.NoTrialH\x00\x42\x08\n\x06result\"\xd1\x01\n\x15ReportProgressRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x41\n\x07metrics\x18\x04 \x03(\x0b\x32\x30.stagetune.v1.ReportProgressRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x89\x01\n\x16ReportProgressResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.stagetune.v1.Decision\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x10HeartbeatRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\"_\n\x11HeartbeatResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bshould_stop\x18\x02 \x01(\x08\"\xc1\x01\n\x14\x43ompleteTrialRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.stagetune.v1.CompleteTrialRequest.MetricsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x15\x43ompleteTrialResponse\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\"\x84\x01\n\x10\x46\x61ilTrialRequest\x12\x10\n\x08trial_id\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.stagetune.v1.FailureKind\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"I\n\x11\x46\x61ilTrialResponse\x12\"\n\x05trial\x18\x01 \x01(\x0b\x32\x13.stagetune.v1.Trial\x12\x10\n\x08requeued\x18\x02 \x01(\x08\x32\xb9\x03\n\rWorkerService\x12U\n\x0c\x41\x63quireTrial\x12!.stagetune.v1.AcquireTrialRequest\x1a\".stagetune.v1.AcquireTrialResponse\x12[\n\x0eReportProgress\x12#.stagetune.v1.ReportProgressRequest\x1a$.stagetune.v1.ReportProgressResponse\x12L\n\tHeartbeat\x12\x1e.stagetune.v1.HeartbeatRequest\x1a\x1f.stagetune.v1.HeartbeatResponse\x12X\n\rCompleteTrial\x12\".stagetune.v1.CompleteTrialRequest\x1a#.stagetune.v1.CompleteTrialResponse\x12L\n\tFailTrial\x12\x1e.stagetune.v1.FailTrialRequest\x1a\x1f.stagetune.v1.FailTrialResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_WORKERCAPABILITIES']._serialized_start=142
-  _globals['_WORKERCAPABILITIES']._serialized_end=213
-  _globals['_ACQUIRETRIALREQUEST']._serialized_start=215
-  _globals['_ACQUIRETRIALREQUEST']._serialized_end=331
-  _globals['_ASSIGNMENT']._serialized_start=334
-  _globals['_ASSIGNMENT']._serialized_end=544
-  _globals['_NOTRIAL']._serialized_start=546
-  _globals['_NOTRIAL']._serialized_end=619
-  _globals['_ACQUIRETRIALRESPONSE']._serialized_start=621
-  _globals['_ACQUIRETRIALRESPONSE']._serialized_end=744
-  _globals['_REPORTPROGRESSREQUEST']._serialized_start=747
-  _globals['_REPORTPROGRESSREQUEST']._serialized_end=956
-  _globals['_REPORTPROGRESSREQUEST_METRICSENTRY']._serialized_start=910
-  _globals['_REPORTPROGRESSREQUEST_METRICSENTRY']._serialized_end=956
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=959
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1096
-  _globals['_HEARTBEATREQUEST']._serialized_start=1098
-  _globals['_HEARTBEATREQUEST']._serialized_end=1153
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1155
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1250
-  _globals['_COMPLETETRIALREQUEST']._serialized_start=1253
-  _globals['_COMPLETETRIALREQUEST']._serialized_end=1446
-  _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._serialized_start=910
-  _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._serialized_end=956
-  _globals['_COMPLETETRIALRESPONSE']._serialized_start=1448
-  _globals['_COMPLETETRIALRESPONSE']._serialized_end=1507
-  _globals['_FAILTRIALREQUEST']._serialized_start=1510
-  _globals['_FAILTRIALREQUEST']._serialized_end=1642
-  _globals['_FAILTRIALRESPONSE']._serialized_start=1644
-  _globals['_FAILTRIALRESPONSE']._serialized_end=1717
-  _globals['_WORKERSERVICE']._serialized_start=1720
-  _globals['_WORKERSERVICE']._serialized_end=2161
+  _globals['_WORKERCAPABILITIES']._serialized_end=230
+  _globals['_ACQUIRETRIALREQUEST']._serialized_start=232
+  _globals['_ACQUIRETRIALREQUEST']._serialized_end=348
+  _globals['_ASSIGNMENT']._serialized_start=351
+  _globals['_ASSIGNMENT']._serialized_end=561
+  _globals['_NOTRIAL']._serialized_start=563
+  _globals['_NOTRIAL']._serialized_end=636
+  _globals['_ACQUIRETRIALRESPONSE']._serialized_start=638
+  _globals['_ACQUIRETRIALRESPONSE']._serialized_end=761
+  _globals['_REPORTPROGRESSREQUEST']._serialized_start=764
+  _globals['_REPORTPROGRESSREQUEST']._serialized_end=973
+  _globals['_REPORTPROGRESSREQUEST_METRICSENTRY']._serialized_start=927
+  _globals['_REPORTPROGRESSREQUEST_METRICSENTRY']._serialized_end=973
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=976
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1113
+  _globals['_HEARTBEATREQUEST']._serialized_start=1115
+  _globals['_HEARTBEATREQUEST']._serialized_end=1170
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1172
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1267
+  _globals['_COMPLETETRIALREQUEST']._serialized_start=1270
+  _globals['_COMPLETETRIALREQUEST']._serialized_end=1463
+  _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._serialized_start=927
+  _globals['_COMPLETETRIALREQUEST_METRICSENTRY']._serialized_end=973
+  _globals['_COMPLETETRIALRESPONSE']._serialized_start=1465
+  _globals['_COMPLETETRIALRESPONSE']._serialized_end=1524
+  _globals['_FAILTRIALREQUEST']._serialized_start=1527
+  _globals['_FAILTRIALREQUEST']._serialized_end=1659
+  _globals['_FAILTRIALRESPONSE']._serialized_start=1661
+  _globals['_FAILTRIALRESPONSE']._serialized_end=1734
+  _globals['_WORKERSERVICE']._serialized_start=1737
+  _globals['_WORKERSERVICE']._serialized_end=2178
 # @@protoc_insertion_point(module_scope)

@@ -12,14 +12,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerCapabilities(_message.Message):
-    __slots__ = ("hostname", "gpus", "processes")
+    __slots__ = ("hostname", "gpus", "processes", "scripts")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    SCRIPTS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     gpus: int
     processes: int
-    def __init__(self, hostname: _Optional[str] = ..., gpus: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    scripts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., gpus: _Optional[int] = ..., processes: _Optional[int] = ..., scripts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AcquireTrialRequest(_message.Message):
     __slots__ = ("worker_id", "capabilities", "study_name")

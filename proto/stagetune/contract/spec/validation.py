@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.spec.custom import custom_knob, parse_custom_runner
 from stagetune.contract.spec.fields import as_mapping, check_finite
 from stagetune.contract.spec.model import (
     SAMPLERS,
@@ -24,7 +25,7 @@ from stagetune.contract.spec.model import (
     StudySpec,
 )
 from stagetune.contract.spec.runner import RunnerSettings, parse_runner
-from stagetune.contract.stages import STAGES, ParamDef
+from stagetune.contract.stages import CUSTOM, STAGES, ParamDef, find_stage
 from stagetune.objectives.catalog import METRICS
 
 __all__ = [
@@ -150,9 +151,10 @@ def validate_spec(spec: StudySpec) -> None:
         raise InvalidArgument(
             "name", "must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
         )
-    stage = STAGES.get(spec.stage)
+    stage = find_stage(spec.stage)
     if stage is None:
-        raise InvalidArgument("stage", f"unknown stage {spec.stage!r}; one of {sorted(STAGES)}")
+        known = sorted([*STAGES, CUSTOM.name])
+        raise InvalidArgument("stage", f"unknown stage {spec.stage!r}; one of {known}")
     if not spec.search_space:
         raise InvalidArgument("search_space", "must name at least one parameter")
     for field_name, items in (
@@ -167,7 +169,7 @@ def validate_spec(spec: StudySpec) -> None:
         if p.name in names:
             raise InvalidArgument(f"search_space.{p.name}", "appears twice")
         names.add(p.name)
-        knob = stage.params.get(p.name)
+        knob = custom_knob(p) if stage is CUSTOM else stage.params.get(p.name)
         if knob is None:
             raise InvalidArgument(
                 f"search_space.{p.name}",
@@ -224,6 +226,9 @@ def validate_spec(spec: StudySpec) -> None:
 
 
 def _validate_runner(spec: StudySpec) -> None:
+    if spec.stage == CUSTOM.name:
+        parse_custom_runner(spec.runner)
+        return
     runner = parse_runner(spec.stage, spec.runner)
     if spec.stage == "grpo":
         _check_generation_batch(spec, runner)
