@@ -106,6 +106,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from stagetune.trainer.allowed_scripts import parse_allowed_scripts
     from stagetune.trainer.worker import Worker, WorkerSettings
 
     settings = WorkerSettings(
@@ -116,6 +117,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         threads_per_trial=args.threads,
         work_dir=Path(args.work_dir),
+        scripts=parse_allowed_scripts(args.allow_script),
         token=args.token,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -302,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         default=_env("WORK_DIR", "stagetune-data/work"),
         help="trial scratch folder (env STAGETUNE_WORK_DIR)",
+    )
+    p.add_argument(
+        "--allow-script",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a training script custom studies may run by NAME (runner.script: NAME); "
+        "repeat for more. A study can only name one: it never supplies a command",
     )
     p.set_defaults(fn=cmd_worker)
 

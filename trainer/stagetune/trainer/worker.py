@@ -5,6 +5,12 @@ processes; every rank reads the same assignment file, rank 0 reports rungs to th
 itself, and writes a result file the worker turns into CompleteTrial or FailTrial. A
 crashed or OOM-killed trial is reported failed with its reason and the worker polls again.
 SIGTERM/SIGINT: the running trial is stopped and handed back (requeued), then the loop ends.
+
+A ``custom`` trial runs a team's own script, the file its operator allowed under the name
+the study gives (``--allow-script NAME=PATH``), in the same way: its own process group
+(``stagetune.trainer.custom_trial`` under ``accelerate launch``), the same lease, hand-back
+and out-of-memory handling. A trial naming a script this worker does not allow is handed
+back at once, with a reason that says so, for a worker that has it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from stagetune.contract.errors import (
     Unavailable,
 )
 from stagetune.contract.spec import spec_from_proto, value_from_proto
+from stagetune.contract.stages import CUSTOM
+from stagetune.trainer.allowed_scripts import check_allowed_scripts, refusal
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port
+from stagetune.trainer.custom_trial import ASSIGNMENT_ENV
 from stagetune.trainer.devices import DEFAULT_LOCK_DIR, claim_devices, parse_gpus, visible_devices
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
@@ -76,6 +85,9 @@ class WorkerSettings:
     work_dir: Path = field(default_factory=lambda: Path("stagetune-data") / "work")
     poll_interval: float = 2.0
     keep_outputs: bool = False  # keep each trial's output folder (checkpoints, adapters)
+    # Training scripts a custom study may name, by name (--allow-script NAME=PATH): the
+    # operator's choice, the only code besides the built-in runners this worker runs.
+    scripts: dict[str, Path] = field(default_factory=dict)
     # Credentials (None: from $STAGETUNE_TOKEN / $STAGETUNE_TLS_*). They reach the trial
     # processes through those variables; the token is never printed (not even in a repr).
     token: str | None = field(default=None, repr=False)
@@ -125,9 +137,14 @@ def trial_folder(work_dir: Path, study_name: str, trial_id: int) -> Path | None:
 
 
 def launch_command(
-    assignment_path: Path, processes: int, cpu: bool, deepspeed: bool = False
+    assignment_path: Path,
+    processes: int,
+    cpu: bool,
+    deepspeed: bool = False,
+    script: Path | None = None,
 ) -> list[str]:
-    """The ``accelerate launch`` command that starts one trial on ``processes`` ranks."""
+    """The ``accelerate launch`` command that starts one trial on ``processes`` ranks: the
+    stage's runner, or with ``script`` a custom trial running that (allowed) script."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
@@ -140,6 +157,9 @@ def launch_command(
         cmd.append("--cpu")
     if processes > 1:
         cmd += ["--main_process_port", str(free_port())]
+    if script is not None:
+        entry = ["stagetune.trainer.custom_trial", str(assignment_path), "--script", str(script)]
+        return [*cmd, "-m", *entry]
     return [*cmd, "-m", "stagetune.trainer.run_trial", str(assignment_path)]
 
 
@@ -188,6 +208,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self.scripts = check_allowed_scripts(settings.scripts)  # InvalidArgument: --allow-script
         # Claimed before anything else: a worker that cannot have its devices says so and
         # starts nothing (InvalidArgument naming --gpus).
         self.devices = claim_devices(
@@ -233,6 +254,7 @@ class Worker:
                         hostname=socket.gethostname(),
                         gpus=len(self.devices.devices),
                         processes=s.processes,
+                        scripts=self.scripts,
                     )
                 except Unavailable as e:
                     self._log(f"server unavailable ({e.message}); retrying")
@@ -320,6 +342,12 @@ class Worker:
         shutil.rmtree(trial_dir, ignore_errors=True)
         trial_dir.mkdir(parents=True)
         assignment = self._write_assignment(got, trial_dir)
+        script: Path | None = None
+        if assignment.stage == CUSTOM.name:
+            name = str(assignment.runner.get("script", ""))
+            script = self.scripts.get(name)
+            if script is None:
+                return self._refuse(trial.trial_id, refusal(s.worker_id, name, self.scripts))
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in sorted(assignment.params.items())
@@ -329,12 +357,14 @@ class Worker:
             f"attempt {trial.attempt}): {params}"
         )
         env = self.trial_environment()
+        env[ASSIGNMENT_ENV] = str((trial_dir / "assignment.json").resolve())
         log_path = trial_dir / "trial.log"
         cmd = launch_command(
             trial_dir / "assignment.json",
             int(assignment.runner.get("processes", s.processes)),  # the study's, if it says
             cpu=not self.devices.devices,
             deepspeed=uses_deepspeed(assignment),
+            script=script,
         )
         with log_path.open("wb") as log:
             self._child = subprocess.Popen(
@@ -354,6 +384,17 @@ class Worker:
         )
         self._tidy_outputs(assignment, trial_dir / "output")
         return result
+
+    def _refuse(self, trial_id: int, why: str) -> TrialOutcome:
+        """Hand a trial this worker cannot run back to the server (requeued within the
+        study's retries, for a worker that can), then wait a poll before asking again."""
+        self._log(f"trial {trial_id}: {why}")
+        try:
+            self.client.fail(trial_id, self.settings.worker_id, "interrupted", why)
+        except FailedPrecondition as e:
+            return TrialOutcome(trial_id, "lost", 0.0, e.message)
+        self._stop.wait(self.settings.poll_interval)
+        return TrialOutcome(trial_id, "interrupted", 0.0, why)
 
     def _tidy_outputs(self, a: Assignment, output: Path) -> None:
         """Drop a finished trial's scratch files; keep its saved model when the study asks
