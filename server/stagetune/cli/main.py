@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stagetune.cli.pipeline import add_pipeline_parser
 from stagetune.cli.render import STUDY_STATE, render_pareto, render_status, render_trial_log
 from stagetune.contract.client import DEFAULT_ADDRESS, StudyClient, health_check
 from stagetune.contract.errors import InvalidArgument, StagetuneError
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
     p.add_argument("study")
     p.set_defaults(fn=cmd_stop)
+
+    add_pipeline_parser(sub, with_server)
 
     p = sub.add_parser("configs", help="list the packaged example configs, or copy one out")
     p.add_argument("name", nargs="?", help="the example to copy (see the list)")

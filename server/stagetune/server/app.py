@@ -42,12 +42,17 @@ from stagetune.server.auth import TokenTable, load_token_file
 from stagetune.server.database import default_storage_url
 from stagetune.server.interceptor import ErrorInterceptor
 from stagetune.server.optuna_policy import OptunaPolicy
+from stagetune.server.pipeline_service import PipelineService
+from stagetune.server.pipeline_servicer import PipelineServicer
+from stagetune.server.pipeline_tracking import pipeline_tracker
 from stagetune.server.policy import PolicyFactory
 from stagetune.server.service import StudyService
 from stagetune.server.servicer import StudyServicer, WorkerServicer
 from stagetune.server.storage import StudyStore
 from stagetune.server.tracking import MlflowTracker, NullTracker, Tracker, local_artifact_root
 from stagetune.server.trial_service import TrialService
+from stagetune.v1 import pipeline_service_pb2 as ps
+from stagetune.v1 import pipeline_service_pb2_grpc as ps_grpc
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import worker_service_pb2 as ws
@@ -70,6 +75,7 @@ _log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     ss.DESCRIPTOR.services_by_name["StudyService"].full_name,
     ws.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    ps.DESCRIPTOR.services_by_name["PipelineService"].full_name,
 )
 
 
@@ -88,6 +94,7 @@ class ServerSettings:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS only
     tls_key: Path | None = None  # PEM private key of tls_cert
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates (mTLS)
+    pipeline_interval: float = 2.0  # seconds between passes of the pipeline loop
     metrics_port: int | None = None  # Prometheus /metrics on host:port; 0 = any free port
 
     def resolved_storage_url(self) -> str:
@@ -169,6 +176,12 @@ class StagetuneServer:
         self.trials = TrialService(
             self.service, lease_seconds=settings.lease_seconds, events=self.metrics
         )
+        artifacts = local_artifact_root(tracking_uri, settings.data_dir)
+        self.pipelines = PipelineService(
+            self.service,
+            pipeline_tracker(tracking_uri, artifacts),
+            interval=settings.pipeline_interval,
+        )
         self.health = health.HealthServicer()
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
@@ -178,6 +191,9 @@ class StagetuneServer:
         ss_grpc.add_StudyServiceServicer_to_server(StudyServicer(self.service), self.grpc_server)
         ws_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.trials, tracking_uri), self.grpc_server
+        )
+        ps_grpc.add_PipelineServiceServicer_to_server(
+            PipelineServicer(self.pipelines), self.grpc_server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -218,6 +234,7 @@ class StagetuneServer:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reaper.start()
+        self.pipelines.start()
         return self
 
     def _reap_loop(self) -> None:
@@ -232,6 +249,7 @@ class StagetuneServer:
         self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(self.settings.grace if grace is None else grace).wait()
+        self.pipelines.close()
         self.service.close()
         self.tracker.close()
         if self.metrics is not None:

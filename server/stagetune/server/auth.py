@@ -45,6 +45,7 @@ from stagetune.contract.spec import StudySpec, read_yaml_file
 from stagetune.server.records import StudyRecord
 from stagetune.server.storage import StudyStore
 from stagetune.server.trial_service import Acquired, NoWork, TrialService
+from stagetune.v1 import pipeline_service_pb2 as ps
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import worker_service_pb2 as ws
 
@@ -68,7 +69,8 @@ MIN_TOKEN_LENGTH = 16
 
 STUDY_SERVICE = ss.DESCRIPTOR.services_by_name["StudyService"].full_name
 WORKER_SERVICE = ws.DESCRIPTOR.services_by_name["WorkerService"].full_name
-PROTECTED_SERVICES = frozenset({STUDY_SERVICE, WORKER_SERVICE})
+PIPELINE_SERVICE = ps.DESCRIPTOR.services_by_name["PipelineService"].full_name
+PROTECTED_SERVICES = frozenset({STUDY_SERVICE, WORKER_SERVICE, PIPELINE_SERVICE})
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
