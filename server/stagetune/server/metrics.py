@@ -37,7 +37,6 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import (
-    GC_COLLECTOR,
     CollectorRegistry,
     Counter,
     GCCollector,
@@ -58,7 +57,6 @@ from stagetune.server.trial_events import AcquireOutcome, TrialEvents
 __all__ = ["ServerMetrics", "GrpcServerMetrics", "StudyCollector"]
 
 _log = logging.getLogger(__name__)
-del GC_COLLECTOR  # (the global registry's; each server registers its own)
 
 # Handing out a trial waits at most for the suggestion pool (10 s) or the database.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
