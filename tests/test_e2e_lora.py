@@ -90,6 +90,12 @@ def test_tiny_lora_trials_land_in_mlflow_with_real_objectives(
     assert sum(r.data.tags["pareto_front"] == "true" for r in children) == len(front.trials)
 
 
+def trial_run_id(srv: StagetuneServer, study: str, trial_id: int) -> str:
+    with StudyClient(srv.address) as sc:
+        (trial,) = (t for t in sc.list_trials(study) if t.trial_id == trial_id)
+    return trial.mlflow_run_id
+
+
 def test_the_worker_survives_a_trial_that_errors(
     tracked_server: StagetuneServer, lora_spec: StudySpec, tmp_path: Path
 ) -> None:
@@ -117,6 +123,15 @@ def test_the_worker_survives_a_trial_that_errors(
     )
     assert logs.returncode == 0, logs.stderr
     assert headline in logs.stdout and "--- trial log (end) ---" in logs.stdout
+    # The same is kept with the trial's MLflow run, for whoever reviews the study there.
+    tracked_server.tracker.flush(timeout=60)
+    mlflow = MlflowClient(tracked_server.settings.resolved_tracking_uri())
+    run = mlflow.get_run(trial_run_id(tracked_server, spec.name, trials[0].trial_id))
+    assert run.data.tags["reason"] == headline
+    text = Path(
+        mlflow.download_artifacts(run.info.run_id, "failure.log", str(tmp_path))
+    ).read_text()
+    assert text.startswith(headline) and "--- trial log (end) ---" in text
 
 
 def test_the_worker_survives_a_trial_process_killed_by_sigkill(

@@ -403,7 +403,10 @@ class MlflowTracker:
         self._client.set_tag(run_id, "state", trial.state)
         self._client.set_tag(run_id, "worker", trial.worker_id)
         if trial.reason:
-            self._client.set_tag(run_id, "reason", redact_text(trial.reason)[:5000])
+            reason = redact_text(trial.reason)
+            self._client.set_tag(run_id, "reason", reason.splitlines()[0][:5000])
+            if "\n" in reason:  # a failure: its error details and the end of the trial log
+                self._client.log_text(run_id, reason, "failure.log")
         if trial.state != "complete":
             self._client.set_tag(run_id, "pareto_front", "false")
             self._client.set_tag(run_id, "pareto_rank", "0")
