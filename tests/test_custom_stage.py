@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from stagetune.contract.client import StudyClient
+from stagetune.contract.client import StudyClient, WorkerClient
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.spec import (
     spec_from_mapping,
@@ -27,6 +27,7 @@ from stagetune.trainer.worker import Worker, WorkerSettings
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
+from stagetune.v1 import worker_service_pb2 as ws
 from tests.conftest import REPO
 
 EXAMPLE = REPO / "tests" / "examples" / "hf_trainer_finetune.py"
@@ -171,11 +172,17 @@ def test_submit_sends_a_custom_study_from_the_cli(server: StagetuneServer) -> No
     assert "created study finetune-example (custom, 6 trials)" in result.stdout
 
 
-def test_a_worker_without_the_script_hands_the_trial_back_saying_why(
+def test_a_worker_without_the_script_gets_no_trial_and_says_why(
     server: StagetuneServer, tmp_path: Path
 ) -> None:
     with StudyClient(server.address) as client:
         client.create_study(spec_from_mapping(custom()))
+        # Any worker: the server never hands it a trial of a script its operator lacks.
+        with WorkerClient(server.address) as wc:
+            got = wc.acquire("w-plain", study_name="mine", scripts=["other"])
+        assert isinstance(got, ws.NoTrial)
+        assert "a trial needs script 'finetune'; this worker allows other" in got.reason
+        # A worker started for that one study ends at once and names the flag to use.
         worker = Worker(
             WorkerSettings(
                 server=server.address,
@@ -186,16 +193,12 @@ def test_a_worker_without_the_script_hands_the_trial_back_saying_why(
                 scripts={"other": EXAMPLE},
             )
         )
-        outcomes = worker.run()
-        (trial,) = client.list_trials("mine")
-        study = client.get_study("mine")
-    assert [o.outcome for o in outcomes] == ["interrupted"]
-    assert trial.state == pb.TRIAL_STATE_FAILED
-    assert trial.reason.startswith(
-        "interrupted: worker w-plain does not allow script 'finetune' (it allows: other); "
-        "start a worker with --allow-script finetune=PATH"
-    )
-    assert study.state == pb.STUDY_STATE_DONE  # the study's one trial is spent, not stuck
+        with pytest.raises(InvalidArgument) as err:
+            worker.run()
+        assert err.value.field == "--allow-script"
+        assert "does not allow script 'finetune' (it allows: other)" in err.value.message
+        assert client.get_study("mine").counts.waiting == 0  # nothing handed out or spent
+        assert client.list_trials("mine") == []
     assert not list((tmp_path / "work").rglob("trial.log")), "no trial process may start"
 
 

@@ -44,7 +44,7 @@ from stagetune.contract.errors import (
 from stagetune.contract.spec import StudySpec, read_yaml_file
 from stagetune.server.records import StudyRecord
 from stagetune.server.storage import StudyStore
-from stagetune.server.trial_service import Acquired, NoWork, TrialService
+from stagetune.server.trial_service import Acquired, NoWork, TrialService, WorkerFit
 from stagetune.v1 import pipeline_service_pb2 as ps
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import worker_service_pb2 as ws
@@ -333,8 +333,8 @@ class Tenancy:
 
 
 def acquire_for_team(
-    service: TrialService, worker_id: str, team: str, gpus: int | None = None
+    service: TrialService, worker_id: str, team: str, fit: WorkerFit | None = None
 ) -> Acquired | NoWork:
     """``service.acquire`` without a study name, limited to ``team``'s studies."""
     mine = {name for name, owner in service.store.owners().items() if owner == team}
-    return service.acquire(worker_id, among=mine, gpus=gpus)
+    return service.acquire(worker_id, among=mine, fit=fit)

@@ -14,7 +14,7 @@ from stagetune.contract.spec import spec_from_proto, spec_to_proto, value_to_pro
 from stagetune.server.auth import Tenancy, acquire_for_team, current_identity
 from stagetune.server.records import RungRecord, StudyRecord, TrialRecord, TrialStateName
 from stagetune.server.service import StudyService
-from stagetune.server.trial_service import Acquired, NoWork, TrialService
+from stagetune.server.trial_service import Acquired, NoWork, TrialService, WorkerFit
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
@@ -151,21 +151,22 @@ class WorkerServicer(ws_grpc.WorkerServiceServicer):
         self._tracking_uri = tracking_uri
         self._tenancy = Tenancy(service.store)
 
-    def _acquire(self, worker_id: str, study_name: str, gpus: int | None) -> Acquired | NoWork:
+    def _acquire(self, worker_id: str, study_name: str, fit: WorkerFit | None) -> Acquired | NoWork:
         identity = current_identity()
         if identity is None or identity.is_admin:
-            return self._service.acquire(worker_id, study_name, gpus=gpus)
+            return self._service.acquire(worker_id, study_name, fit=fit)
         if study_name:
             self._tenancy.check_study(study_name)
-            return self._service.acquire(worker_id, study_name, gpus=gpus)
-        return acquire_for_team(self._service, worker_id, identity.team, gpus)
+            return self._service.acquire(worker_id, study_name, fit=fit)
+        return acquire_for_team(self._service, worker_id, identity.team, fit)
 
     def AcquireTrial(
         self, request: ws.AcquireTrialRequest, context: grpc.ServicerContext
     ) -> ws.AcquireTrialResponse:
         # A worker from before capabilities were honoured sends none: it gets any trial.
         caps = request.capabilities if request.HasField("capabilities") else None
-        result = self._acquire(request.worker_id, request.study_name, caps.gpus if caps else None)
+        fit = WorkerFit(caps.gpus, frozenset(caps.scripts)) if caps is not None else None
+        result = self._acquire(request.worker_id, request.study_name, fit)
         if isinstance(result, Acquired):
             assignment = ws.Assignment(
                 trial=trial_to_proto(result.trial),

@@ -24,6 +24,7 @@ from stagetune.contract.errors import FailedPrecondition, InvalidArgument, NotFo
 from stagetune.contract.names import FailureKindName
 from stagetune.contract.redact import redact_text
 from stagetune.contract.spec import StudySpec, check_bounded, check_count
+from stagetune.contract.stages import CUSTOM
 from stagetune.server.records import (
     RequestAnswer,
     StudyHead,
@@ -35,7 +36,7 @@ from stagetune.server.records import (
 from stagetune.server.service import StudyService
 from stagetune.server.trial_events import AcquireOutcome, TrialEvents
 
-__all__ = ["TrialService", "Acquired", "NoWork"]
+__all__ = ["TrialService", "Acquired", "NoWork", "WorkerFit"]
 
 _log = logging.getLogger(__name__)
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -81,6 +82,29 @@ def _finite_metrics(metrics: dict[str, float], where: str = "metrics") -> None:
         check_bounded(value, f"{where}.{key}")
 
 
+@dataclass(frozen=True)
+class WorkerFit:
+    """What a worker says it can run (``WorkerCapabilities``): its GPUs and the names of
+    the training scripts its operator allows (the ``custom`` stage)."""
+
+    gpus: int = 0
+    scripts: frozenset[str] = frozenset()
+
+    def refusal(self, spec: StudySpec) -> str:
+        """Why this worker cannot run a trial of ``spec`` ("" when it can). A trial runs
+        one rank per GPU on a GPU worker, so ``runner.processes`` must fit its GPUs; a
+        custom stage's script must be one the worker allows."""
+        processes = spec.runner.get("processes")
+        ranks = processes if isinstance(processes, int) and processes > 0 else 1
+        if self.gpus and ranks > self.gpus:
+            return f"a trial needs {ranks} GPUs; this worker has {self.gpus}"
+        script = spec.runner.get("script")
+        if spec.stage == CUSTOM.name and script not in self.scripts:
+            allowed = ", ".join(sorted(self.scripts)) or "none"
+            return f"a trial needs script {script!r}; this worker allows {allowed}"
+        return ""
+
+
 class TrialService:
     """Use cases of workers, over the study service's store, policy, fronts and locks."""
 
@@ -114,24 +138,28 @@ class TrialService:
         worker_id: str,
         study_name: str = "",
         among: Collection[str] | None = None,
-        gpus: int | None = None,
+        fit: WorkerFit | None = None,
     ) -> Acquired | NoWork:
         """Hand out a trial: the one this worker still holds, else a queued retry, else the
         next ready suggestion. Reads no trial table: two count queries and one insert.
         Without ``study_name``: from any running study, or only those named in ``among``.
-        ``gpus``: the GPUs the worker has (None: not said); a GPU worker never gets a trial
-        of a study whose ``runner.processes`` (one rank per GPU) needs more than that."""
+        ``fit``: what the worker said it has (None: a worker that says nothing gets any
+        trial); it never gets one it cannot run (``WorkerFit.refusal``)."""
         began = time.perf_counter()
         outcome: AcquireOutcome = "error"
         try:
-            got = self._acquire(worker_id, study_name, among, gpus)
+            got = self._acquire(worker_id, study_name, among, fit)
             outcome = "trial" if isinstance(got, Acquired) else "no_work"
             return got
         finally:
             self.events.acquired(time.perf_counter() - began, outcome)
 
     def _acquire(
-        self, worker_id: str, study_name: str, among: Collection[str] | None, gpus: int | None
+        self,
+        worker_id: str,
+        study_name: str,
+        among: Collection[str] | None,
+        fit: WorkerFit | None,
     ) -> Acquired | NoWork:
         if not worker_id:
             raise InvalidArgument("worker_id", "is required")
@@ -160,9 +188,9 @@ class TrialService:
             if head.state != "running":
                 why = head.state
                 continue
-            ranks = _ranks(head.spec)
-            if gpus and ranks > gpus:
-                why = f"a trial needs {ranks} GPUs; this worker has {gpus}"
+            refusal = fit.refusal(head.spec) if fit is not None else ""
+            if refusal:
+                why = refusal
                 continue
             with self._lock(name), self.store.exclusive(name):
                 fresh = self.store.study_head(name)
@@ -428,9 +456,3 @@ class TrialService:
                     self.events.lease_expired()
                     _log.warning("reaped trial %d of %s (%s)", t.trial_id, study.spec.name, silent)
         return reaped
-
-
-def _ranks(spec: StudySpec) -> int:
-    """Processes (ranks) one trial of ``spec`` runs on: one GPU each on a GPU worker."""
-    processes = spec.runner.get("processes")
-    return processes if isinstance(processes, int) and processes > 0 else 1

@@ -40,6 +40,7 @@ from stagetune.contract.client import (
 )
 from stagetune.contract.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     StagetuneError,
@@ -47,7 +48,7 @@ from stagetune.contract.errors import (
 )
 from stagetune.contract.spec import spec_from_proto, value_from_proto
 from stagetune.contract.stages import CUSTOM
-from stagetune.trainer.allowed_scripts import check_allowed_scripts, refusal
+from stagetune.trainer.allowed_scripts import ALLOW_FLAG, check_allowed_scripts, refusal
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port
 from stagetune.trainer.custom_trial import ASSIGNMENT_ENV
 from stagetune.trainer.devices import DEFAULT_LOCK_DIR, claim_devices, parse_gpus, visible_devices
@@ -243,6 +244,7 @@ class Worker:
         if self.devices.devices:
             self._log(f"trials run on GPU {self.devices.cuda_visible_devices}")
         try:
+            self._check_study_fits()
             while not self._stop.is_set():
                 if s.max_trials is not None and len(self.outcomes) >= s.max_trials:
                     self._log(f"ran {len(self.outcomes)} trials; exiting")
@@ -273,6 +275,21 @@ class Worker:
             self.studies.close()
             self.devices.release()
         return self.outcomes
+
+    def _check_study_fits(self) -> None:
+        """A worker for one custom study whose script its operator did not allow could never
+        get a trial (the server hands it none): say so and end, rather than poll forever."""
+        if not self.settings.study_name:
+            return
+        try:
+            spec = spec_from_proto(self.studies.get_study(self.settings.study_name).spec)
+        except (PermissionDenied, NotFound, Unavailable):
+            return  # a worker token may not read studies; a missing study is found below
+        script = str(spec.runner.get("script", ""))
+        if spec.stage == "custom" and script not in self.scripts:
+            raise InvalidArgument(
+                ALLOW_FLAG, refusal(self.settings.worker_id, script, self.scripts)
+            )
 
     def _study_finished(self, no_trial: ws.NoTrial) -> bool:
         try:
