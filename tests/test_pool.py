@@ -148,3 +148,48 @@ def test_a_study_nobody_asks_for_is_forgotten_and_rebuilt_when_asked_again(
         eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 3)
     finally:
         srv.stop(grace=0)
+
+
+def acquired_params(address: str, study: str, n: int, worker: str) -> list[dict[str, object]]:
+    """Params of ``n`` trials acquired (and completed) by ``worker``."""
+    out = []
+    with WorkerClient(address, timeout=10, retries=0) as wc:
+        for i in range(n):
+            got = wc.acquire(worker, study_name=study)
+            out.append({k: value_from_proto(v) for k, v in got.trial.params.items()})
+            wc.complete(got.trial.trial_id, worker, objective_metrics(1.0 + i, 2.0, 500.0))
+    return out
+
+
+def test_a_restarted_server_does_not_replay_the_configurations_already_tried(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    spec, first, start_second = two_servers_on(tmp_path, lora_spec, 20)
+    try:
+        before = acquired_params(first.address, spec.name, 3, "w")
+    finally:
+        first.stop(grace=0)
+    second = start_second()  # same seed, same database: must not start the sequence again
+    try:
+        after = acquired_params(second.address, spec.name, 3, "w")
+    finally:
+        second.stop(grace=0)
+    assert not [p for p in after if p in before]
+
+
+def test_two_replicas_on_one_database_hand_out_different_configurations(
+    tmp_path: Path, lora_spec: StudySpec, postgres_url: str
+) -> None:
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(12, 0))
+    a = server_with_study(tmp_path / "a", spec, storage_url=postgres_url)
+    b = start_server(tmp_path / "b", storage_url=postgres_url, tracking_uri="")
+    try:
+        handed: list[dict[str, object]] = []
+        for _ in range(3):  # alternate, as a load balancer would
+            handed += acquired_params(a.address, spec.name, 2, "wa")
+            handed += acquired_params(b.address, spec.name, 2, "wb")
+    finally:
+        a.stop(grace=0)
+        b.stop(grace=0)
+    assert len(handed) == 12
+    assert len({tuple(sorted(p.items())) for p in handed}) == 12  # no configuration twice

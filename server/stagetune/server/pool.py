@@ -273,14 +273,21 @@ class SuggestionPool:
         head = self._store.study_head(name)
         spec = head.spec
         storage = optuna.storages.InMemoryStorage()
-        study = optuna.create_study(
-            storage=storage, directions=spec.directions, sampler=self._make_sampler(spec)
-        )
+        sampler = self._make_sampler(spec)
+        study = optuna.create_study(storage=storage, directions=spec.directions, sampler=sampler)
         self._generations += 1
         mirror = _Mirror(spec, study, self._generations)
+        copied = 0
         for t in self._store.optuna_trials(name):
             if t.state != TrialState.WAITING:
                 self._copy(mirror, t)
+                copied += 1
+        # The spec's seed makes one server's suggestions for a new study reproducible. A
+        # mirror rebuilt over trials already made (a restart), or built by one of several
+        # replicas on a shared database, would replay that same seeded sequence and hand
+        # out configurations already tried: such a sampler draws from fresh randomness.
+        if copied or self._store.postgres:
+            sampler.reseed_rng()
         with self._cond:
             self._mirrors[name] = mirror
         return mirror
