@@ -203,7 +203,7 @@ def test_a_worker_without_the_script_gets_no_trial_and_says_why(
 
 
 def test_a_custom_trial_launches_the_allowed_script_under_accelerate(tmp_path: Path) -> None:
-    from stagetune.trainer.worker import launch_command
+    from stagetune.trainer.trial_launch import launch_command
 
     cmd = launch_command(tmp_path / "a.json", 2, cpu=True, script=EXAMPLE)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]

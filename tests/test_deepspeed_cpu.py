@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from stagetune.trainer.worker import launch_command, uses_deepspeed
+from stagetune.trainer.trial_launch import launch_command, uses_deepspeed
 from tests.test_stages import assignment, run_launched
 
 

@@ -3,7 +3,7 @@ and the end of its log survives however long the traceback was."""
 
 from __future__ import annotations
 
-from stagetune.trainer.worker import failure_reason
+from stagetune.trainer.trial_launch import failure_reason
 
 TRACEBACK = (
     "Traceback (most recent call last):\n"

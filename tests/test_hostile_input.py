@@ -17,7 +17,7 @@ from stagetune.contract.client import StudyClient, WorkerClient
 from stagetune.contract.errors import FailedPrecondition, InvalidArgument
 from stagetune.contract.spec import MAX_MAGNITUDE, spec_to_proto
 from stagetune.server.app import StagetuneServer
-from stagetune.trainer.worker import trial_folder
+from stagetune.trainer.trial_launch import trial_folder
 from stagetune.v1 import study_service_pb2 as ss
 from stagetune.v1 import study_service_pb2_grpc as ss_grpc
 from stagetune.v1 import types_pb2 as pb
