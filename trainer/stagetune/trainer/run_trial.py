@@ -2,7 +2,11 @@
 
 Every rank reads the same assignment file. Rank 0 writes the TrialResult the worker turns
 into CompleteTrial or FailTrial; an out-of-memory error is reported as such, not as a crash,
-and a bad config (a data file without a mapped column) as one line naming the field.
+and a bad config (a data file without a mapped column, splits that overlap above
+``runner.data.max_overlap``) as one line naming the field, before any model loads (exit 2).
+
+``--stop-after STEP`` ends the trial at that rung as if the server had said STOP there:
+``stagetune reproduce`` re-runs a trial that was stopped early, with no server.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stagetune.contract.datafiles import check_data_source
-from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.errors import FailedPrecondition, InvalidArgument
 from stagetune.contract.spec import parse_runner
 from stagetune.contract.stages import STAGES
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port, process_rank
 from stagetune.trainer.rungs import GrpcReporter, NullReporter, Reporter
+from stagetune.trainer.tasks import STAGE_EXAMPLES, prepare_splits
 
 __all__ = ["main"]
 
@@ -52,20 +57,43 @@ def _single_process_rendezvous() -> None:
 
 def _config_error(a: Assignment) -> str | None:
     """What is wrong with the trial's runner section or params here, on this worker (its
-    data file missing, or lacking a mapped column), naming the field; None when nothing
-    is. Checked before any model loads, so a bad config fails the trial in a line, not a
-    traceback."""
+    data file missing, or lacking a mapped column; its splits overlapping above the
+    limit, with the counts), naming the field; None when nothing is. Checked before any
+    model loads, so a bad config fails the trial in a line, not a traceback. The splits
+    prepared here are cached for the stage runner."""
     try:
         runner = parse_runner(a.stage, a.runner, a.params)
         check_data_source(a.stage, runner.data, must_exist=True)
+        kind = STAGE_EXAMPLES.get(a.stage)
+        if kind is not None:
+            prepare_splits(kind, runner.data)
     except InvalidArgument as e:
         return e.message
+    except FailedPrecondition as e:  # OverlapRefused: the counts, in one line
+        return e.message
     return None
+
+
+class _StopAfter:
+    """Passes reports on, and says STOP at ``step`` (``--stop-after``)."""
+
+    def __init__(self, inner: Reporter, step: int) -> None:
+        self.inner = inner
+        self.step = step
+
+    def report(self, step: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        stop, reason = self.inner.report(step, metrics)
+        if step >= self.step and not stop:
+            return True, f"stopped at step {step} (--stop-after {self.step})"
+        return stop, reason
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one stagetune trial (started by a worker).")
     parser.add_argument("assignment", type=Path, help="assignment JSON written by the worker")
+    parser.add_argument(
+        "--stop-after", type=int, metavar="STEP", help="stop at this rung, as a server would"
+    )
     args = parser.parse_args(argv)
     a = Assignment.read(args.assignment)
     _single_process_rendezvous()
@@ -85,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter: Reporter = (
         GrpcReporter(a.server, a.trial_id, a.worker_id) if a.server and rank0 else NullReporter()
     )
+    if args.stop_after is not None:
+        reporter = _StopAfter(reporter, args.stop_after)
     try:
         result = runner(a, reporter)
     except Exception as e:

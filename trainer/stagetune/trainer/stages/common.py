@@ -1,8 +1,12 @@
-"""What every stage runner shares: settings, the base model, the Trainer arguments (the
-systems knobs included), rung reporting and the final measurements.
+"""What every stage runner shares: settings, the base model, the data splits, the Trainer
+arguments (the systems knobs included), rung reporting and the final measurements.
 
 Latency, memory and device-seconds are measured here, by ``objectives.measure``, the same
-way for every stage; a stage adds only its quality metric.
+way for every stage; a stage adds only its quality metric. Two modes: a training trial
+(``Trial.train``) trains on train and measures quality on eval; an evaluation trial
+(``runner.evaluate``, ``Trial.evaluate``) trains nothing and measures ``runner.model`` on the
+split it names. Either way the final metrics carry the trial's ``seed``, the overlap between
+the splits and the rows of each split read (``data.<split>_rows``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from stagetune.contract.packaged import packaged_path
-from stagetune.contract.spec import ModelSource, RunnerSettings, parse_runner
+from stagetune.contract.spec import MAX_MAGNITUDE, ModelSource, RunnerSettings, parse_runner
 from stagetune.contract.training import TrainingSettings
 from stagetune.objectives.measure import (
     FIXED_PROMPTS,
@@ -29,6 +32,13 @@ from stagetune.objectives.measure import (
 )
 from stagetune.trainer.assignment import Assignment, TrialResult, process_rank
 from stagetune.trainer.rungs import Reporter, RungCallback
+from stagetune.trainer.stages.distributed import (
+    deepspeed_config,
+    deepspeed_on_cpu,
+    reference_kind,
+    whole_model,
+)
+from stagetune.trainer.tasks import STAGE_EXAMPLES, Mode, TrialData, prepare_splits
 from stagetune.trainer.tiny_model import default_cache_dir, ensure_model
 
 __all__ = [
@@ -37,25 +47,11 @@ __all__ = [
     "greedy_completions",
     "load_model",
     "resolve_model_path",
+    "trainer_quality",
 ]
 
 S = TypeVar("S", bound=TrainingSettings)
 _URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:", "file:")
-
-
-def deepspeed_config(training: TrainingSettings) -> str | None:
-    """The DeepSpeed JSON for these settings: a config of the team's own, or ZeRO-N."""
-    if training.deepspeed_config:
-        path = Path(training.deepspeed_config)
-        if not path.exists():
-            raise ValueError(f"runner.training.deepspeed_config: {path} does not exist")
-        return str(path)
-    if training.zero_stage == 0:
-        return None
-    try:
-        return str(packaged_path(f"deepspeed/zero{training.zero_stage}.json"))
-    except FileNotFoundError as e:
-        raise ValueError(f"runner.training.zero_stage: {e}") from None
 
 
 def resolve_model_path(model: ModelSource, cache: Path) -> str:
@@ -137,54 +133,15 @@ def greedy_completions(
     return completions
 
 
-def _deepspeed_on_cpu() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++) on first
-    use: minutes on a small machine and a hard failure without a compiler. Plain gloo
-    collectives do the same job for CPU trials, so the op is marked unavailable."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _whole_model(trainer: Any) -> Any:
-    """The trained model with all its weights on rank 0, for decoding and saving.
-
-    Under ZeRO-3 each rank holds a shard: every rank gathers the full state dict (a
-    collective), the global ZeRO-3 switch is turned off (so ``generate`` does not wait for
-    the other ranks), and rank 0 loads the weights into a plain copy of the model.
-    """
-    engine = trainer.model_wrapped
-    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
-    if stage != 3:
-        return trainer.model
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    state = trainer.accelerator.get_state_dict(engine)
-    unset_hf_deepspeed_config()
-    if not trainer.is_world_process_zero():
-        return trainer.model
-    model = trainer.model
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        from peft import get_peft_model
-
-        base = model.get_base_model()
-        copy = get_peft_model(type(base)(base.config), model.peft_config["default"])
-    else:
-        copy = type(model)(model.config)
-    copy.load_state_dict(state)
-    return copy
-
-
-def _reference(trainer: Any) -> str:
-    """What the trainer compares the policy against (DPO, GRPO with beta > 0)."""
-    if getattr(trainer, "ref_model", None) is not None:
-        return "separate reference model"
-    adapters = getattr(trainer.model, "peft_config", None)
-    if isinstance(adapters, dict) and "ref" in adapters:
-        return "frozen copy of the starting adapter"
-    if adapters and hasattr(trainer, "ref_model"):
-        return "the policy with its adapter disabled"
-    return "none"
+def trainer_quality(trainer: Any, metric_map: dict[str, str]) -> dict[str, float | None]:
+    """One run of the Trainer's evaluation, its keys renamed by ``metric_map`` (Trainer key
+    -> stagetune metric); a key the evaluation did not produce is None."""
+    metrics = trainer.evaluate()
+    out: dict[str, float | None] = {}
+    for theirs, ours in metric_map.items():
+        value = metrics.get(theirs)
+        out[ours] = float(value) if isinstance(value, int | float) else None
+    return out
 
 
 class Trial(Generic[S]):
@@ -192,9 +149,11 @@ class Trial(Generic[S]):
 
     ``runner`` is the study's runner section, typed, with the trial's params applied to
     its training settings; ``settings`` is that training part as the stage's own class
-    (``settings_type``). Use as a context manager: the device clock runs from entry
-    (model loading included) to the final measurement. ``train`` runs a built Trainer
-    and returns the TrialResult.
+    (``settings_type``). Use as a context manager: every random generator is seeded with
+    the trial's seed on entry, and the device clock runs from entry (model loading
+    included) to the final measurement. ``data()`` gives the splits this trial may read;
+    ``train`` runs a built Trainer, ``evaluate`` (evaluation mode) scores the model without
+    training; each returns the TrialResult.
     """
 
     def __init__(self, a: Assignment, reporter: Reporter, settings_type: type[S]) -> None:
@@ -210,9 +169,20 @@ class Trial(Generic[S]):
         self.cache = Path(cache) if cache else default_cache_dir()
         self.clock = DeviceClock(devices=max(1, self.world))
         self.callback: RungCallback | None = None
+        self.mode: Mode = self.runner.evaluate or "train"
+        self.loaded: TrialData | None = None
+
+    @property
+    def evaluating(self) -> bool:
+        """An evaluation trial: it trains nothing and reads only the split it scores."""
+        return self.mode != "train"
 
     def __enter__(self) -> Trial[S]:
+        from transformers import set_seed
+
         self.clock.__enter__()
+        # Before any model is built: a LoRA adapter is initialised before the Trainer seeds.
+        set_seed(self.a.seed)
         return self
 
     def __exit__(
@@ -231,6 +201,23 @@ class Trial(Generic[S]):
     def load_model(self, keep_adapter: bool = False) -> tuple[Any, Any]:
         return load_model(self.model_path(), keep_adapter)
 
+    def load_reference(self) -> Any | None:
+        """``runner.reference_model`` loaded as a plain model (an adapter merged); None when
+        the runner names none."""
+        source = self.runner.reference_model
+        if source is None:
+            return None
+        return load_model(resolve_model_path(source, self.cache))[0]
+
+    def data(self) -> TrialData:
+        """The splits this trial may read (train and eval; in evaluation mode only the
+        scored split), recorded in ``output_dir/data-rank-N.json`` as they are read."""
+        if self.loaded is None:
+            prepared = prepare_splits(STAGE_EXAMPLES[self.a.stage], self.runner.data)
+            ledger = Path(self.a.output_dir) / f"data-rank-{process_rank()}.json"
+            self.loaded = TrialData(prepared, self.mode, ledger)
+        return self.loaded
+
     def training_args(self) -> dict[str, Any]:
         """Keyword arguments every stage's TrainingArguments subclass takes."""
         import torch
@@ -238,7 +225,7 @@ class Trial(Generic[S]):
         cfg = self.settings
         ds = deepspeed_config(cfg)
         if ds is not None and not torch.cuda.is_available():
-            _deepspeed_on_cpu()
+            deepspeed_on_cpu()
         return {
             "output_dir": self.a.output_dir,
             "max_steps": self.a.rung_steps[-1],
@@ -276,6 +263,7 @@ class Trial(Generic[S]):
             extra=lambda: {
                 "peak_memory_mb": peak_memory_mb(),
                 "device_seconds": self.clock.device_seconds,
+                "seed": float(self.a.seed),  # so a trial stopped at a rung can be re-run
             },
             metric_map=metric_map,
             evaluate=evaluate,
@@ -296,6 +284,7 @@ class Trial(Generic[S]):
         """
         callback = self.callback
         assert callback is not None, "build the Trainer with trial.rung_callback()"
+        assert not self.evaluating, "an evaluation trial trains nothing: use evaluate()"
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
@@ -303,25 +292,48 @@ class Trial(Generic[S]):
         if callback.stopped:
             return TrialResult("stopped", rungs=callback.rungs, reason=callback.reason)
         final: dict[str, float] = dict(callback.rungs[-1]["metrics"]) if callback.rungs else {}
-        net = _whole_model(trainer)  # every rank takes part when ZeRO-3 shards the weights
+        net = whole_model(trainer)  # every rank takes part when ZeRO-3 shards the weights
         if not trainer.is_world_process_zero():
             return TrialResult("complete", metrics=final, rungs=callback.rungs)
         if quality is not None:
             final.update({k: v for k, v in quality(net).items() if v is not None})
-        latency = measure_decode_latency(net, tokenizer, FIXED_PROMPTS, max_new_tokens=8)
-        final["decode_latency_ms"] = latency.ms_per_token
-        final["ttft_ms"] = latency.ttft_ms
         seen = float(trainer.state.num_input_tokens_seen)
         final["tokens_per_second"] = seen / train_seconds if train_seconds > 0 else 0.0
         if self.runner.save_model:
             self._save(net, tokenizer)
+        return TrialResult(
+            "complete", metrics=self._measured(net, tokenizer, final), rungs=callback.rungs
+        )
+
+    def evaluate(
+        self, net: Any, tokenizer: Any, quality: Callable[[], dict[str, float | None]]
+    ) -> TrialResult:
+        """Evaluation mode: no training. ``quality()`` scores the model on the held-out split
+        (every rank takes part, as in a Trainer's evaluation); rank 0 then measures decode
+        latency, memory (here: of the evaluation, not of a training run) and cost, and
+        reports them under the names a training trial uses."""
+        assert self.evaluating, "a training trial trains: use train()"
+        final = {k: v for k, v in quality().items() if v is not None}
+        if "eval_loss" in final and math.isfinite(final["eval_loss"]):
+            final["perplexity"] = min(math.exp(min(final["eval_loss"], 50.0)), MAX_MAGNITUDE)
+        if process_rank() != 0:
+            return TrialResult("complete", metrics=final)
+        return TrialResult("complete", metrics=self._measured(net, tokenizer, final))
+
+    def _measured(self, net: Any, tokenizer: Any, final: dict[str, float]) -> dict[str, float]:
+        """``final`` with decode latency, peak memory, cost, the seed and the data's record."""
+        latency = measure_decode_latency(net, tokenizer, FIXED_PROMPTS, max_new_tokens=8)
+        final["decode_latency_ms"] = latency.ms_per_token
+        final["ttft_ms"] = latency.ttft_ms
         final["peak_memory_mb"] = peak_memory_mb()
+        final["seed"] = float(self.a.seed)
+        if self.loaded is not None:
+            final.update(self.loaded.metrics())
         # One reading of the running clock, so the cost is exactly wall time x devices.
         seconds = self.clock.seconds
         final["wall_seconds"] = seconds
         final["device_seconds"] = seconds * self.clock.devices
-        final = {k: v for k, v in final.items() if math.isfinite(v) or k == "eval_loss"}
-        return TrialResult("complete", metrics=final, rungs=callback.rungs)
+        return {k: v for k, v in final.items() if math.isfinite(v) or k == "eval_loss"}
 
     def _save(self, net: Any, tokenizer: Any) -> None:
         """The trained model (or adapter) in ``output_dir/model``, loadable by a next stage."""
@@ -344,7 +356,7 @@ class Trial(Generic[S]):
             "settings": dataclasses.asdict(self.settings),
             "param_checksum": checksum,
             "steps": int(trainer.state.global_step),
-            "reference": _reference(trainer),
+            "reference": reference_kind(trainer),
         }
         out = Path(self.a.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ config (``runner.training.reward_functions``; the names are
 ``stagetune.contract.training.REWARD_FUNCTIONS``).
 
 Quality: the mean reward of greedy completions of held-out prompts, measured at every rung
-by the same reward functions the policy is trained on (summed, as trl sums them).
+by the same reward functions the policy is trained on (summed, as trl sums them). In
+evaluation mode (``runner.evaluate``) the same mean reward of ``runner.model`` on the named
+split, without training.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 from stagetune.contract.training import GRPOTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
+from stagetune.trainer.splits import Split
 from stagetune.trainer.stages.common import Trial, greedy_completions
-from stagetune.trainer.tasks import answer_of, load_sft_dataset
+from stagetune.trainer.tasks import answer_of
 
 __all__ = ["run_grpo", "REWARDS", "reward_functions"]
 
@@ -76,15 +79,26 @@ def run_grpo(a: Assignment, reporter: Reporter) -> TrialResult:
                 f"num_generations: {generations} does not divide the generation batch "
                 f"{batch} (per_device_train_batch_size x processes x gradient_accumulation_steps)"
             )
-        model, tokenizer = t.load_model(keep_adapter=True)
-        pairs, held_out = load_sft_dataset(t.runner.data)
+        data = t.data()
 
-        def with_answer(row: dict[str, str]) -> dict[str, str]:
-            return {"prompt": row["prompt"], "answer": answer_of(row["completion"]) or ""}
+        def prompts(split: Split) -> Any:
+            rows = data.dataset(split)
+            return rows.map(
+                lambda row: {"prompt": row["prompt"], "answer": answer_of(row["completion"]) or ""},
+                remove_columns=rows.column_names,
+            )
 
-        train = pairs.map(with_answer, remove_columns=pairs.column_names)
-        evals = held_out.map(with_answer, remove_columns=held_out.column_names)
+        evals = prompts(data.held_out)
         new_tokens = cfg.max_completion_length
+        if t.evaluating:
+            net, tokenizer = t.load_model()
+            return t.evaluate(
+                net,
+                tokenizer,
+                lambda: {"mean_reward": mean_reward(net, tokenizer, evals, rewards, new_tokens)},
+            )
+        model, tokenizer = t.load_model(keep_adapter=True)
+        train = prompts("train")
         # GRPOTrainer counts prompt + completion tokens itself; the Trainer's count would
         # look for input_ids in batches that have none.
         args = GRPOConfig(

@@ -3,6 +3,8 @@
 The proxy's width (``hidden_size``) and depth (``num_layers``) are searchable; its
 architecture otherwise follows ``runner.model`` (the tiny model's config, or a real
 model's config with its tokenizer). Quality: eval loss on held-out text (perplexity too).
+In evaluation mode (``runner.evaluate``) ``runner.model`` is a trained proxy, loaded as it
+is and scored on the named split without training.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any
 from stagetune.contract.training import PretrainProxyTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
-from stagetune.trainer.stages.common import Trial
-from stagetune.trainer.tasks import load_text_dataset
+from stagetune.trainer.splits import Split
+from stagetune.trainer.stages.common import Trial, trainer_quality
 
 __all__ = ["run_pretrain_proxy", "proxy_config"]
 
@@ -49,13 +51,17 @@ def run_pretrain_proxy(a: Assignment, reporter: Reporter) -> TrialResult:
     )
 
     with Trial(a, reporter, PretrainProxyTraining) as t:
+        data = t.data()
         path = t.model_path()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        config = proxy_config(AutoConfig.from_pretrained(path), t.settings)
-        torch.manual_seed(a.seed)
-        model = AutoModelForCausalLM.from_config(config)
+        if t.evaluating:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            config = proxy_config(AutoConfig.from_pretrained(path), t.settings)
+            torch.manual_seed(a.seed)
+            model = AutoModelForCausalLM.from_config(config)
         max_length = t.settings.max_length
 
         def tokenize(batch: dict[str, list[str]]) -> Any:
@@ -65,20 +71,28 @@ def run_pretrain_proxy(a: Assignment, reporter: Reporter) -> TrialResult:
                 max_length=max_length,
             )
 
-        train, evals = load_text_dataset(t.runner.data)
-        train = train.map(tokenize, batched=True, remove_columns=train.column_names)
-        evals = evals.map(tokenize, batched=True, remove_columns=evals.column_names)
+        def tokenized(split: Split) -> Any:
+            rows = data.dataset(split)
+            return rows.map(tokenize, batched=True, remove_columns=rows.column_names)
+
+        held_out = tokenized(data.held_out)
         trainer = Trainer(
             model=model,
             args=TrainingArguments(**t.training_args()),
-            train_dataset=train,
-            eval_dataset=evals,
+            train_dataset=None if t.evaluating else tokenized("train"),
+            eval_dataset=held_out,
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
             processing_class=tokenizer,
             callbacks=[t.rung_callback()],
         )
-        return t.train(
-            trainer,
-            tokenizer,
-            quality=lambda net: {"parameters_m": net.num_parameters() / 1e6},
-        )
+
+        def size(net: Any) -> dict[str, float | None]:
+            return {"parameters_m": net.num_parameters() / 1e6}
+
+        if t.evaluating:
+            return t.evaluate(
+                model,
+                tokenizer,
+                lambda: {**trainer_quality(trainer, {"eval_loss": "eval_loss"}), **size(model)},
+            )
+        return t.train(trainer, tokenizer, quality=size)

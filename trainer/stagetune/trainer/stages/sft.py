@@ -1,7 +1,9 @@
 """The SFT stage: a full fine-tune with trl's SFTTrainer (the LoRA stage adds an adapter).
 
 Quality: eval loss on held-out pairs (perplexity too) and, where the data has checkable
-answers, exact-match accuracy of greedy answers.
+answers, exact-match accuracy of greedy answers. In evaluation mode (``runner.evaluate``)
+the same two are measured on the scored split, with ``runner.model`` as it is (an adapter
+merged into its base), and nothing is trained.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any, TypeVar
 from stagetune.contract.training import SFTTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
-from stagetune.trainer.stages.common import Trial, greedy_completions
-from stagetune.trainer.tasks import answer_of, load_sft_dataset
+from stagetune.trainer.stages.common import Trial, greedy_completions, trainer_quality
+from stagetune.trainer.tasks import answer_of
 
 __all__ = ["run_sft", "run_sft_like", "exact_match"]
 
@@ -41,33 +43,47 @@ def run_sft_like(
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     with Trial(a, reporter, settings_type) as t:
+        data = t.data()
+        held_out = data.dataset(data.held_out)
+        # trl insists on a train_dataset; an evaluation hands it the scored split and never
+        # calls train().
+        train = held_out if t.evaluating else data.dataset("train")
         model, tokenizer = t.load_model()
-        train, evals = load_sft_dataset(t.runner.data, a.seed)
         args = SFTConfig(**t.training_args(), max_length=t.settings.max_length)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train,
-            eval_dataset=evals,
+            eval_dataset=held_out,
             processing_class=tokenizer,
-            peft_config=peft_config(t.settings) if peft_config is not None else None,
+            peft_config=(
+                peft_config(t.settings) if peft_config is not None and not t.evaluating else None
+            ),
             callbacks=[t.rung_callback()],
         )
-        kept: list[tuple[str, Any]] = [
-            ("training", trainer.train_dataset),
-            ("eval", trainer.eval_dataset),
-        ]
+        kept: list[tuple[str, Any]] = [(data.held_out, trainer.eval_dataset)]
+        if not t.evaluating:
+            kept.insert(0, ("training", trainer.train_dataset))
         for name, rows in kept:
             if len(rows) == 0:  # trl drops pairs whose completion is cut off entirely
                 raise ValueError(
                     f"runner.training.max_length: every {name} example's completion lies "
                     f"beyond {t.settings.max_length} tokens; raise max_length"
                 )
-        return t.train(
-            trainer,
-            tokenizer,
-            quality=lambda net: {"exact_match": exact_match(net, tokenizer, evals)},
-        )
+
+        def quality(net: Any) -> dict[str, float | None]:
+            return {"exact_match": exact_match(net, tokenizer, held_out)}
+
+        if t.evaluating:
+            return t.evaluate(
+                trainer.model,
+                tokenizer,
+                lambda: {
+                    **trainer_quality(trainer, {"eval_loss": "eval_loss"}),
+                    **quality(trainer.model),
+                },
+            )
+        return t.train(trainer, tokenizer, quality=quality)
 
 
 def run_sft(a: Assignment, reporter: Reporter) -> TrialResult:
