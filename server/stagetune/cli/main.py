@@ -159,6 +159,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from stagetune.cli.reproduce import reproduce_trial
+
+    with _study_client(args) as client:
+        return reproduce_trial(
+            client,
+            args.study,
+            args.trial,
+            Path(args.work_dir),
+            processes=args.processes,
+            gpus=args.gpus,
+            threads=args.threads,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     with _study_client(args) as client:
         study = client.stop_study(args.study)
@@ -329,6 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study")
     p.add_argument("trial", type=int, help="the trial id (the first column of status)")
     p.set_defaults(fn=cmd_logs)
+
+    p = with_server(
+        sub.add_parser(
+            "reproduce",
+            help="re-run a trial locally from what was recorded; compare every metric",
+        )
+    )
+    p.add_argument("study")
+    p.add_argument("trial", type=int, help="the trial id (the first column of status)")
+    p.add_argument("--work-dir", default="stagetune-data/reproduce", help="where the re-run writes")
+    p.add_argument("--processes", type=int, help="processes (default: the study's, else 1)")
+    p.add_argument("--gpus", default="", help="device ids to re-run on (default: CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads of the re-run")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance")
+    p.set_defaults(fn=cmd_reproduce)
 
     p = with_server(sub.add_parser("stop", help="stop handing out a study's trials"))
     p.add_argument("study")
