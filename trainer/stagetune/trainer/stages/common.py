@@ -363,3 +363,6 @@ class Trial(Generic[S]):
         (out / f"rank-{process_rank()}.json").write_text(
             json.dumps(record, sort_keys=True, default=str)
         )
+        if process_rank() == 0:  # in trial.log: what really trained, not what was asked
+            engine = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "no DeepSpeed"
+            print(f"trained {record['steps']} steps on {self.world} process(es), {engine}")
