@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stagetune.contract.client import WorkerClient
-from stagetune.contract.errors import FailedPrecondition, NotFound, Unavailable
+from stagetune.contract.errors import DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
 from stagetune.contract.spec import StudySpec, parse_runner, spec_from_proto, value_from_proto
 from stagetune.trainer.assignment import Assignment
 from stagetune.trainer.model_upload import upload_saved_model
@@ -126,5 +126,5 @@ class FakeTrials:
             try:
                 if not self.step():
                     time.sleep(0.05)
-            except Unavailable:
-                time.sleep(0.2)  # a server restarting
+            except (Unavailable, DeadlineExceeded):
+                time.sleep(0.2)  # a server restarting, or too busy to answer in time

@@ -18,6 +18,7 @@ from typing import Any
 
 from stagetune.contract.pipeline_client import PipelineClient
 from stagetune.contract.spec import value_from_proto
+from stagetune.contract.stages import STAGE_NAMES
 from stagetune.v1 import pipeline_service_pb2 as ps
 
 __all__ = ["add_pipeline_parser", "render_pipeline", "render_pipelines"]
@@ -88,32 +89,33 @@ def render_pipeline(p: ps.Pipeline) -> str:
             [
                 s.name,
                 _label(_PHASE.get(stage.phase, "?")),
-                _select(s) + (f"; final {s.final_steps} steps" if s.final_steps else ""),
-                stage.study_name or "-",
                 selected,
                 stage.model_uri or "-",
                 f"{stage.device_seconds:.1f}",
             ]
         )
-    headers = ["stage", "phase", "select", "study", "trial", "promoted", "device-s"]
+    headers = ["stage", "phase", "trial", "promoted", "device-s"]
     parts = ["\n".join(head), _table(headers, rows)]
-    base = [
-        f"  {s.name}: from {stage.base_model}"
-        for s, stage in zip(spec.stages, p.stages, strict=True)
-        if stage.base_model
-    ]
-    if base:
-        parts.append("started from:\n" + "\n".join(base))
-    params = []
     for s, stage in zip(spec.stages, p.stages, strict=True):
+        kind = STAGE_NAMES.label(s.study.stage)
+        retrain = f", retrained {s.final_steps} steps" if s.final_steps else ""
+        lines = [f"{s.name} ({kind}): select {_select(s)}{retrain}"]
+        if stage.base_model:
+            lines.append(f"  from:    {stage.base_model}")
+        studies = [
+            n for n in (stage.study_name, stage.final_study_name, stage.test_study_name) if n
+        ]
+        if studies:
+            lines.append(f"  studies: {', '.join(studies)}")
         if stage.selected_params:
             values = {k: value_from_proto(v) for k, v in sorted(stage.selected_params.items())}
-            shown = ", ".join(
+            shown = (
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
             )
-            params.append(f"  {s.name}: {shown}")
-    if params:
-        parts.append("selected params:\n" + "\n".join(params))
+            lines.append(f"  params:  {', '.join(shown)}")
+        if stage.reason:
+            lines.append(f"  why:     {stage.reason}")
+        parts.append("\n".join(lines))
     held = [
         [s.name, h.metric, f"{h.eval_value:.4g}", f"{h.test_value:.4g}", f"{h.gap:+.4g}"]
         for s, stage in zip(spec.stages, p.stages, strict=True)
@@ -124,11 +126,6 @@ def render_pipeline(p: ps.Pipeline) -> str:
             "held-out results (the promoted model on eval, then once on test):\n"
             + _table(["stage", "metric", "eval", "test", "gap"], held)
         )
-    reasons = [
-        f"  {s.name}: {st.reason}" for s, st in zip(spec.stages, p.stages, strict=True) if st.reason
-    ]
-    if reasons:
-        parts.append("\n".join(["why:", *reasons]))
     return "\n\n".join(parts)
 
 

@@ -45,12 +45,10 @@ class PipelineTracker(Protocol):
     @property
     def enabled(self) -> bool: ...
 
-    def trial_run(self, stage: str, trial_id: int) -> str:
-        """The MLflow run of a trial of a ``stage`` study, found by its trial-id tag ("")."""
-        ...
-
-    def model_logged(self, run_id: str) -> bool:
-        """Whether the run holds a saved model (``MODEL_ARTIFACT``)."""
+    def model_run(self, stage: str, trial_id: int, known: str) -> str:
+        """The MLflow run that holds the saved model (``MODEL_ARTIFACT``) of a trial of a
+        ``stage`` study: ``known`` (the run the server recorded), else one found by its
+        trial-id tag (a trial that could not find its run made its own); "" if none."""
         ...
 
     def run_tags(self, run_id: str) -> dict[str, str]: ...
@@ -75,11 +73,8 @@ class NullPipelineTracker:
     def _off(self) -> Any:
         raise RuntimeError("MLflow tracking is off")
 
-    def trial_run(self, stage: str, trial_id: int) -> str:
+    def model_run(self, stage: str, trial_id: int, known: str) -> str:
         return str(self._off())
-
-    def model_logged(self, run_id: str) -> bool:
-        return bool(self._off())
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self._off())
@@ -169,17 +164,18 @@ class MlflowPipelineTracker:
                 )
         return self._experiments[name]
 
-    def trial_run(self, stage: str, trial_id: int) -> str:
+    def model_run(self, stage: str, trial_id: int, known: str) -> str:
+        candidates = [known] if known else []
         exp = self._experiment(experiment_name(stage), create=False)
-        if not exp:
-            return ""
-        found = self._client.search_runs(
-            [exp], filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'", max_results=1
-        )
-        return found[0].info.run_id if found else ""
-
-    def model_logged(self, run_id: str) -> bool:
-        return bool(self._client.list_artifacts(run_id, MODEL_ARTIFACT))
+        if exp:
+            found = self._client.search_runs(
+                [exp], filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'", max_results=10
+            )
+            candidates += sorted(r.info.run_id for r in found if r.info.run_id != known)
+        for run_id in candidates:
+            if self._client.list_artifacts(run_id, MODEL_ARTIFACT):
+                return run_id
+        return ""
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self._client.get_run(run_id).data.tags)
