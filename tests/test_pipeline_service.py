@@ -375,3 +375,24 @@ def test_a_server_without_tracking_refuses_pipelines(tmp_path: Path, data_file: 
             client.submit(spec_of("untracked", data_file))
     finally:
         server.stop(grace=0)
+
+
+@pytest.mark.postgres
+def test_a_pipeline_runs_on_postgresql(tmp_path: Path, postgres_url: str, data_file: Path) -> None:
+    server = start_server(tmp_path, storage_url=postgres_url, pipeline_interval=0.1)
+    uri = server.settings.resolved_tracking_uri()
+    driver = FakeTrials(server.address, uri, tmp_path / "work")
+    try:
+        with PipelineClient(server.address) as pipelines:
+            pipelines.submit(spec_of("pg", data_file, ("pre", "sft")))
+            driver.run_until(state_is(pipelines, "pg", ps.PIPELINE_STATE_DONE))
+            pre, sft = pipelines.get("pg").stages
+        assert sft.base_model == pre.model_uri == "models:/pg.pre/1"
+        assert [h.metric for h in sft.held_out] == [
+            "eval_loss",
+            "decode_latency_ms",
+            "peak_memory_mb",
+        ]
+    finally:
+        driver.close()
+        server.stop(grace=0)

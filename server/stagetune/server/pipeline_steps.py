@@ -83,7 +83,7 @@ class PipelineSteps:
             trials = self.studies.store.trials(search)
             chosen, why = select_trial(study.spec, trials, spec.select)
             if chosen is None:
-                return self._fail(r, f"{search}: nothing to select ({why}){_spent(study)}")
+                return self._ended_short(r, f"{search}: nothing to select ({why})")
             _log.info(
                 "pipeline %s stage %s: trial %d (%s)", r.name, spec.name, chosen.trial_id, why
             )
@@ -100,9 +100,7 @@ class PipelineSteps:
             if not done:
                 last = self.studies.store.trials(final)
                 why = last[-1].reason.splitlines()[0] if last and last[-1].reason else "no trial"
-                return self._fail(
-                    r, f"{final}: the retrain did not complete ({why}){_spent(study)}"
-                )
+                return self._ended_short(r, f"{final}: the retrain did not complete ({why})")
             self.save(r, i, phase="promoting", model_trial=done[0].trial_id)
             return True
         if stage.phase == "promoting":
@@ -124,7 +122,7 @@ class PipelineSteps:
             if not complete:
                 last = self.studies.store.trials(test)
                 why = last[-1].reason.splitlines()[0] if last and last[-1].reason else "no trial"
-                return self._fail(r, f"{test}: the test evaluation failed ({why}){_spent(study)}")
+                return self._ended_short(r, f"{test}: the test evaluation failed ({why})")
             self.save(r, i, phase="done", test_metrics=dict(complete[0].metrics))
             if i + 1 < len(r.spec.stages):
                 self.store.set_state(r.name, "running", i + 1)
@@ -242,6 +240,14 @@ class PipelineSteps:
     def save(self, r: PipelineRecord, i: int, **changes: Any) -> None:
         self.store.save_stage(r.name, i, dataclasses.replace(r.stages[i], **changes))
 
+    def _ended_short(self, r: PipelineRecord, reason: str) -> bool:
+        """A study ended without what the stage needs: the pipeline stops when its device
+        budget ran out (the likely cause), and fails otherwise."""
+        hours = self._hours_left(r)
+        if hours is not None and hours <= 0:
+            return self._out_of_budget(r)
+        return self._fail(r, reason)
+
     def _fail(self, r: PipelineRecord, reason: str) -> bool:
         i = r.current
         self.save(r, i, phase="failed", reason=reason)
@@ -293,8 +299,3 @@ def _finished(study: StudyRecord) -> bool:
     """Whether a stage's study hands out nothing more and runs nothing."""
     running = study.counts.get("running", 0)
     return study.state in ("done", "stopped") and running == 0
-
-
-def _spent(study: StudyRecord) -> str:
-    hours = study.spec.budget.max_device_hours
-    return f"; its budget was {hours:g} device-hours" if hours is not None else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _TAG_CHARS = 5000  # MLflow's limit on a model version tag's value
 _RUN_STATUS = {"done": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+#: How often a pipeline's run is brought up to date while only its costs change.
+STATUS_SECONDS = 30.0
 
 
 class PipelineTracker(Protocol):
@@ -145,7 +148,7 @@ class MlflowPipelineTracker:
         self._client = MlflowClient(tracking_uri)
         self._artifact_root = artifact_root
         self._experiments: dict[str, str] = {}
-        self._logged: dict[str, str] = {}  # run id -> the last status logged to it
+        self._logged: dict[str, tuple[str, str, float]] = {}  # run id -> (milestones, doc, when)
 
     def _experiment(self, name: str, create: bool) -> str:
         if name not in self._experiments:
@@ -220,10 +223,22 @@ class MlflowPipelineTracker:
         return exp, run.info.run_id
 
     def log_status(self, run_id: str, view: PipelineView) -> None:
-        """Tags, metrics and ``status.json`` of the pipeline's run, when they changed."""
+        """Tags, metrics and ``status.json`` of the pipeline's run: at once when a stage
+        moved (phase, selection, version), else at most every ``STATUS_SECONDS`` while
+        only costs grow."""
         doc = status_document(view)
         text = json.dumps(doc, indent=2, sort_keys=True, default=str)
-        if self._logged.get(run_id) == text:
+        milestones = json.dumps(
+            [
+                doc["state"],
+                [(s["phase"], s["selected_trial"], s["model_uri"]) for s in doc["stages"]],
+            ]
+        )
+        last = self._logged.get(run_id)
+        now = time.monotonic()
+        if last is not None and (
+            last[1] == text or (last[0] == milestones and now - last[2] < STATUS_SECONDS)
+        ):
             return
         c = self._client
         c.set_tag(run_id, "state", doc["state"])
@@ -246,7 +261,7 @@ class MlflowPipelineTracker:
             c.log_artifact(run_id, str(path))
         if doc["state"] in _RUN_STATUS:
             c.set_terminated(run_id, _RUN_STATUS[doc["state"]])
-        self._logged[run_id] = text
+        self._logged[run_id] = (milestones, text, now)
 
 
 def pipeline_tracker(tracking_uri: str, artifact_root: Path | None) -> PipelineTracker:
