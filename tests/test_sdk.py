@@ -48,7 +48,7 @@ def lease(server: StagetuneServer, folder: Path) -> Path:
     """Acquire a trial and write its assignment file, as a worker (one per folder) does."""
     worker = f"w-{folder.name}"
     with WorkerClient(server.address) as client:
-        got = client.acquire(worker)
+        got = client.acquire(worker, scripts=["finetune"])  # as a worker that allows it
     trial = got.trial
     folder.mkdir(parents=True)
     a = Assignment(
