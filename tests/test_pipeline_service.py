@@ -278,12 +278,13 @@ def test_a_manual_stage_waits_for_a_persons_approval(
         search = studies.list_trials("manual.pre")
     complete = [t for t in search if t.state == pb.TRIAL_STATE_COMPLETE]
     worst = max(complete, key=lambda t: t.metrics["eval_loss"])  # a person's own reasons
-    with pytest.raises(NotFound):
-        pipelines.approve("manual", 999_999)
-    elsewhere = _trial_of_other_study(live)
-    with pytest.raises(InvalidArgument) as err:
-        pipelines.approve("manual", elsewhere)
-    assert err.value.field == "trial_id"
+    # Another study's trial and no trial at all are refused alike, naming the field.
+    for wrong in (_trial_of_other_study(live), 999_999):
+        with pytest.raises(InvalidArgument) as err:
+            pipelines.approve("manual", wrong)
+        assert (
+            err.value.field == "trial_id" and "not a trial of study manual.pre" in err.value.message
+        )
     approved = pipelines.approve("manual", worst.trial_id)
     assert approved.state == ps.PIPELINE_STATE_RUNNING
     assert approved.stages[0].selected_trial_id == worst.trial_id

@@ -17,7 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from stagetune.contract.errors import AlreadyExists, FailedPrecondition, StagetuneError
+from stagetune.contract.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StagetuneError,
+)
 from stagetune.contract.pipeline import PipelineSpec, validate_pipeline
 from stagetune.contract.pipeline_wire import pipeline_from_proto, pipeline_to_proto
 from stagetune.server.pipeline_records import PipelineView
@@ -103,7 +109,12 @@ class PipelineService:
                 state = record.state.replace("_", " ")
                 raise FailedPrecondition(f"pipeline {name} waits for no approval (it is {state})")
             search = record.spec.study_names(i)[0]
-            trial = self.studies.store.trial(trial_id)
+            try:
+                trial = self.studies.store.trial(trial_id)
+            except NotFound:  # worded as for another study's trial: ids say nothing more
+                raise InvalidArgument(
+                    "trial_id", f"trial {trial_id} is not a trial of study {search}"
+                ) from None
             approvable(search, trial)
             self.store.set_state(name, "running", i)
             self.steps.selected(record, i, trial.trial_id, dict(trial.params))
