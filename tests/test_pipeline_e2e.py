@@ -9,7 +9,6 @@ restarted mid-pipeline finishes it."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import tempfile
 import threading
 import time
@@ -26,25 +25,12 @@ from stagetune.contract.errors import DeadlineExceeded, Unavailable
 from stagetune.contract.pipeline_client import PipelineClient
 from stagetune.contract.pipeline_file import pipeline_from_mapping
 from stagetune.server.app import StagetuneServer
-from stagetune.trainer.stages import common
 from stagetune.trainer.worker import Worker, WorkerSettings
 from stagetune.v1 import pipeline_service_pb2 as ps
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import start_server
 
-# A trial logs the model it saved into its MLflow run (stagetune.trainer.model_upload,
-# called from Trial._save); until the stage runners make that call no stage can promote.
-# Remove this marker once they do.
-_UPLOADS = "upload_saved_model" in inspect.getsource(common)
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        not _UPLOADS,
-        reason="pending: the stage runners do not call model_upload.upload_saved_model yet",
-        run=False,
-        strict=True,
-    ),
-]
+pytestmark = pytest.mark.slow
 
 TINY = {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}
 LR = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}

@@ -299,6 +299,11 @@ class Worker:
             f"attempt {trial.attempt}): {params}"
         )
         env = self.trial_environment()
+        # Trials log the models they save to the run the server made for them (a next
+        # stage loads it from there): unless this worker was told otherwise, they use the
+        # tracking server the server named.
+        if got.mlflow_tracking_uri and not env.get("MLFLOW_TRACKING_URI"):
+            env["MLFLOW_TRACKING_URI"] = got.mlflow_tracking_uri
         env[ASSIGNMENT_ENV] = str((trial_dir / "assignment.json").resolve())
         log_path = trial_dir / "trial.log"
         cmd = launch_command(

@@ -31,6 +31,7 @@ from stagetune.objectives.measure import (
     peak_memory_mb,
 )
 from stagetune.trainer.assignment import Assignment, TrialResult, process_rank
+from stagetune.trainer.model_upload import upload_saved_model
 from stagetune.trainer.rungs import Reporter, RungCallback
 from stagetune.trainer.stages.distributed import (
     deepspeed_config,
@@ -340,6 +341,9 @@ class Trial(Generic[S]):
         out = Path(self.a.output_dir) / "model"
         net.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+        # Into the trial's MLflow run, before the worker reports completion: the server
+        # promotes it from there, and other machines load it by models:/ URI.
+        upload_saved_model(self.a, self.runner, out)
 
     def _record_rank(self, trainer: Any) -> None:
         """Each rank writes the settings it trained with and a checksum of its weights, so
