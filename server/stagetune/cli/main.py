@@ -6,6 +6,10 @@ naming the problem (and the field, for a bad config) and exit with status 2.
 
 Client commands take ``--token`` (else ``$STAGETUNE_TOKEN``; prefer the variable: a flag
 shows in ``ps``) and ``--tls-ca``/``--tls-cert``/``--tls-key`` (else ``$STAGETUNE_TLS_*``).
+
+It runs past 400 lines: it is the parser of every command, each command a few lines that
+call the client, the server or the worker (the pipeline commands live in ``pipeline``,
+the renderings in ``render``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ lease ran out.
 Every call that changes a trial runs under its study's lock (``StudyService.lock``) and
 is idempotent: a repeated report, completion or failure with the same ``request_id``
 gets the first answer and changes nothing, also after a server restart in between.
+
+It runs past 400 lines on purpose: the six worker calls share the lock, lease and
+idempotency rules, written here once rather than split across files.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ to a training trial and only the scored split to an evaluation trial (``runner.e
 refuses anything else (``SplitNotAllowed``), and records every split it materialised, with
 its rows' keys, in a ledger file beside the trial's result and as ``data.<split>_rows``
 metrics.
+
+It runs a little past 400 lines: every stage's data (synthetic tasks and files) goes
+through the same split, overlap and size rules here, which are kept in one place.
 """
 
 from __future__ import annotations

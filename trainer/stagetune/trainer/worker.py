@@ -11,6 +11,10 @@ the study gives (``--allow-script NAME=PATH``), in the same way: its own process
 (``stagetune.trainer.custom_trial`` under ``accelerate launch``), the same lease, hand-back
 and out-of-memory handling. A trial naming a script this worker does not allow is handed
 back at once, with a reason that says so, for a worker that has it.
+
+It runs past 400 lines on purpose: polling, launching, supervising (lease, signals) and
+reporting one trial are one state machine; its pure parts live in ``trial_launch`` and
+``devices``.
 """
 
 from __future__ import annotations
