@@ -34,7 +34,7 @@ from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.names import TRIAL_STATES
 from stagetune.contract.spec import spec_from_proto, value_from_proto
 from stagetune.contract.stages import STAGES
-from stagetune.trainer.assignment import Assignment, TrialResult
+from stagetune.trainer.assignment import Assignment, TrialResult, trial_seed
 from stagetune.trainer.trial_launch import launch_command, uses_deepspeed
 from stagetune.v1 import types_pb2 as pb
 
@@ -84,7 +84,7 @@ def _seed(spec_seed: int | None, trial: pb.Trial) -> int:
     for metrics in [trial.metrics, *(r.metrics for r in trial.rungs)]:
         if "seed" in metrics:
             return int(metrics["seed"])
-    return (spec_seed or 0) + trial.number  # the worker's rule
+    return trial_seed(spec_seed, trial.number)
 
 
 def recorded_assignment(

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 ParamValue = float | int | str | bool
 
-__all__ = ["Assignment", "TrialResult", "ParamValue", "free_port", "process_rank"]
+__all__ = ["Assignment", "TrialResult", "ParamValue", "free_port", "process_rank", "trial_seed"]
 
 
 def process_rank() -> int:
@@ -77,3 +77,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def trial_seed(sampler_seed: int | None, number: int) -> int:
+    """The training seed of trial ``number`` of a study: the worker gives it to the trial,
+    and ``stagetune reproduce`` falls back on it for a trial that recorded none."""
+    return (sampler_seed or 0) + number

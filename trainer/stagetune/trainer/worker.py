@@ -51,7 +51,7 @@ from stagetune.contract.errors import (
 from stagetune.contract.spec import spec_from_proto, value_from_proto
 from stagetune.contract.stages import CUSTOM
 from stagetune.trainer.allowed_scripts import ALLOW_FLAG, check_allowed_scripts, refusal
-from stagetune.trainer.assignment import Assignment, TrialResult
+from stagetune.trainer.assignment import Assignment, TrialResult, trial_seed
 from stagetune.trainer.custom_trial import ASSIGNMENT_ENV
 from stagetune.trainer.devices import DEFAULT_LOCK_DIR, claim_devices, parse_gpus, visible_devices
 from stagetune.trainer.trial_launch import (
@@ -251,7 +251,7 @@ class Worker:
             result_path=str(trial_dir / "result.json"),
             server=self.settings.server,
             worker_id=self.settings.worker_id,
-            seed=(spec.sampler.seed or 0) + trial.number,
+            seed=trial_seed(spec.sampler.seed, trial.number),
         )
         assignment.write(trial_dir / "assignment.json")
         return assignment
