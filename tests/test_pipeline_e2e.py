@@ -25,6 +25,7 @@ from stagetune.contract.errors import DeadlineExceeded, Unavailable
 from stagetune.contract.pipeline_client import PipelineClient
 from stagetune.contract.pipeline_file import pipeline_from_mapping
 from stagetune.server.app import StagetuneServer
+from stagetune.server.pipeline_records import HELD_OUT_QUALITY
 from stagetune.trainer.worker import Worker, WorkerSettings
 from stagetune.v1 import pipeline_service_pb2 as ps
 from stagetune.v1 import types_pb2 as pb
@@ -199,7 +200,10 @@ def _check_held_out(p: ps.Pipeline, studies: StudyClient) -> None:
         assert scored.metrics["data.test_rows"] > 0
         assert scored.metrics.get("data.train_rows", 0.0) == 0.0
         objectives = [o.metric for o in studies.get_study(stage.study_name).spec.objectives]
-        assert [h.metric for h in stage.held_out] == objectives
+        shown = [h.metric for h in stage.held_out]
+        assert shown[: len(objectives)] == objectives
+        # then the quality metrics that are not objectives: sft's exact match, dpo's margin
+        assert set(shown[len(objectives) :]) <= set(HELD_OUT_QUALITY) - set(objectives)
         for h in stage.held_out:
             assert h.test_value == scored.metrics[h.metric]
             assert h.gap == pytest.approx(h.test_value - h.eval_value)

@@ -30,6 +30,7 @@ from stagetune.contract.pipeline import PipelineSpec
 from stagetune.contract.pipeline_client import PipelineClient
 from stagetune.contract.pipeline_file import pipeline_from_mapping
 from stagetune.server.app import StagetuneServer
+from stagetune.server.pipeline_records import HELD_OUT_QUALITY
 from stagetune.v1 import pipeline_service_pb2 as ps
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
@@ -230,8 +231,16 @@ def test_status_shows_each_objective_on_eval_and_test_and_the_cost(finished: Fin
                 for t in studies.list_trials(name)
                 if t.trial_id == stage.model_trial_id
             )
-            objectives = studies.get_study(stage.study_name).spec.objectives
-            assert [h.metric for h in stage.held_out] == [o.metric for o in objectives]
+            objectives = [o.metric for o in studies.get_study(stage.study_name).spec.objectives]
+            # Objectives first, then the quality metrics both runs reported (the driver
+            # reports every stage's metrics), each once.
+            shown = [h.metric for h in stage.held_out]
+            assert shown[: len(objectives)] == objectives
+            assert shown[len(objectives) :] == [
+                m
+                for m in HELD_OUT_QUALITY
+                if m not in objectives and m in model_trial.metrics and m in test_trial.metrics
+            ]
             for h in stage.held_out:
                 assert h.eval_value == model_trial.metrics[h.metric]
                 assert h.test_value == test_trial.metrics[h.metric]
@@ -393,6 +402,7 @@ def test_a_pipeline_runs_on_postgresql(tmp_path: Path, postgres_url: str, data_f
             "eval_loss",
             "decode_latency_ms",
             "peak_memory_mb",
+            "reward_accuracy",  # the driver reports it for every stage
         ]
     finally:
         driver.close()

@@ -33,6 +33,10 @@ StagePhaseName = Literal[
 ]
 
 
+# Shown on eval and test whenever both runs report them, objectives or not.
+HELD_OUT_QUALITY = ("eval_loss", "exact_match", "reward_accuracy", "reward_margin", "mean_reward")
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """One objective measured on eval (by the trial that trained the promoted model) and
@@ -109,10 +113,12 @@ class PipelineRecord:
         return f"models:/{self.model_name(i)}/{version}" if version else ""
 
     def held_out(self, i: int) -> list[HeldOut]:
-        """Stage ``i``'s objectives on eval and test, once both are known."""
+        """Stage ``i``'s objectives on eval and test, once both are known, then the quality
+        metrics that are not objectives (exact match beside an eval-loss objective)."""
         stage = self.stages[i]
         out = []
-        for metric in self.spec.stages[i].study.metric_names:
+        objectives = self.spec.stages[i].study.metric_names
+        for metric in [*objectives, *(m for m in HELD_OUT_QUALITY if m not in objectives)]:
             if metric in stage.eval_metrics and metric in stage.test_metrics:
                 out.append(HeldOut(metric, stage.eval_metrics[metric], stage.test_metrics[metric]))
         return out
