@@ -119,6 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         study_name=args.study or "",
         max_trials=args.max_trials,
         processes=args.processes,
+        cold=args.cold,
         gpus=args.gpus,
         threads_per_trial=args.threads,
         work_dir=Path(args.work_dir),
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "workers on one node never share a device (env STAGETUNE_GPUS)",
     )
     p.add_argument("--threads", type=int, help="CPU threads per trial process")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="start each trial with accelerate launch in a new interpreter, instead of "
+        "forking it from the warm host that imported the training stack once",
+    )
     p.add_argument(
         "--worker-id",
         default=_env("WORKER_ID"),

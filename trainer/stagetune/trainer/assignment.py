@@ -61,6 +61,9 @@ class TrialResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final metrics (complete only)
     rungs: list[dict[str, Any]] = field(default_factory=list)  # [{"step": 8, "metrics": {..}}]
     reason: str = ""  # why stopped / what failed
+    # Wall-clock times (time.time()) of the first training step and of training's end, so
+    # the worker can tell a trial's fixed cost from its training.
+    timing: dict[str, float] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         tmp = Path(path).with_suffix(".tmp")

@@ -6,6 +6,7 @@ Rank 0 reports to the server; the decision is broadcast so every rank stops toge
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -88,6 +89,12 @@ class RungCallback(TrainerCallback):
         self.rungs: list[dict[str, Any]] = []
         self.stopped = False
         self.reason = ""
+        self.first_step: float | None = None  # wall clock when the first step began
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.first_step is None:
+            self.first_step = time.time()
+        return control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if state.global_step in self.rung_steps:

@@ -1,8 +1,10 @@
 """The worker: polls the server, runs each trial in its own process group, reports back.
 
-This loop imports no torch. Each trial is launched with ``accelerate launch`` on N
-processes; every rank reads the same assignment file, rank 0 reports rungs to the server
-itself, and writes a result file the worker turns into CompleteTrial or FailTrial. A
+This loop imports no torch. Each trial runs in processes of its own, forked from the warm
+trial host (``warm_host``: the training stack imported once) or, with ``--cold``, started
+with ``accelerate launch``; on N processes either way. Every rank reads the same assignment
+file, rank 0 reports rungs to the server itself, and writes a result file the worker turns
+into CompleteTrial or FailTrial. A
 crashed or OOM-killed trial is reported failed with its reason and the worker polls again.
 SIGTERM/SIGINT: the running trial is stopped and handed back (requeued), then the loop ends.
 
@@ -19,6 +21,7 @@ reporting one trial are one state machine; its pure parts live in ``trial_launch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -61,6 +64,7 @@ from stagetune.trainer.trial_launch import (
     trial_folder,
     uses_deepspeed,
 )
+from stagetune.trainer.warm_host import ColdTrial, TrialProcess, WarmHost
 from stagetune.v1 import types_pb2 as pb
 from stagetune.v1 import worker_service_pb2 as ws
 
@@ -84,6 +88,9 @@ class WorkerSettings:
     study_name: str = ""  # only this study; the worker exits when it is done or stopped
     max_trials: int | None = None  # exit after running this many trials
     processes: int = 1  # accelerate processes per trial
+    # Start each trial with ``accelerate launch`` (a new interpreter importing everything)
+    # instead of forking it from the warm trial host.
+    cold: bool = False
     # GPUs for this worker's trials: a count ("2": any two free devices of the node), device
     # ids ("0,1"), or 0 (CPU). Claimed for the worker's life, never shared (see devices).
     gpus: int | str = 0
@@ -131,6 +138,11 @@ class TrialOutcome:
     outcome: Outcome
     seconds: float
     detail: str = ""
+    # Fixed cost of a built-in stage's trial, when it trained: from the assignment's
+    # arrival to its first training step, and from the end of training to the result
+    # reported to the server.
+    start_seconds: float | None = None
+    finish_seconds: float | None = None
 
 
 class Worker:
@@ -149,7 +161,8 @@ class Worker:
         self._stop = threading.Event()
         #: The signal that stopped the worker, if one did (the CLI exits 128 + it).
         self.stopped_by: int | None = None
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: TrialProcess | None = None
+        self._host: WarmHost | None = None
         self.outcomes: list[TrialOutcome] = []
 
     def stop(self) -> None:
@@ -198,7 +211,7 @@ class Worker:
                     wait = got.retry_after.ToTimedelta().total_seconds() or s.poll_interval
                     self._stop.wait(min(wait, 30.0))
                     continue
-                self.outcomes.append(self.run_trial(got))
+                self.outcomes.append(self.run_trial(got, received=time.time()))
         finally:
             self.client.close()
             self.studies.close()
@@ -275,10 +288,17 @@ class Worker:
         env["CUDA_VISIBLE_DEVICES"] = self.devices.cuda_visible_devices
         return env
 
-    def run_trial(self, got: ws.Assignment) -> TrialOutcome:
+    def warm_host(self) -> WarmHost:
+        """The warm trial host, started on first use (it imports the training stack)."""
+        if self._host is None:
+            self._host = WarmHost(self.trial_environment())
+        return self._host
+
+    def run_trial(self, got: ws.Assignment, received: float | None = None) -> TrialOutcome:
         s = self.settings
         trial = got.trial
         started = time.monotonic()
+        received = time.time() if received is None else received
         trial_dir = trial_folder(s.work_dir, trial.study_name, trial.trial_id)
         if trial_dir is None:  # never rmtree or write outside the work folder
             why = f"study name {trial.study_name!r} is not a plain folder name; refused"
@@ -317,21 +337,34 @@ class Worker:
             deepspeed=uses_deepspeed(assignment),
             script=script,
         )
-        with log_path.open("wb") as log:
-            self._child = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-            outcome = self._supervise(
-                trial.trial_id, got.lease_duration.ToTimedelta().total_seconds()
-            )
-        code = self._child.returncode
+        if s.cold:
+            self._child = ColdTrial(cmd, env, log_path)
+        else:
+            self._child = self.warm_host().launch(cmd, env, log_path)
+        outcome = self._supervise(trial.trial_id, got.lease_duration.ToTimedelta().total_seconds())
+        code = self._child.wait()
+        _end_group(self._child.pid)  # what the trial left behind (its ranks' helpers)
         self._child = None
         if outcome is None:
             outcome = self._report(assignment, code, log_path)
-        result = TrialOutcome(trial.trial_id, outcome[0], time.monotonic() - started, outcome[1])
+        sent = time.time()
+        timing = _timing(Path(assignment.result_path)) if outcome[0] == "complete" else {}
+        result = TrialOutcome(
+            trial.trial_id,
+            outcome[0],
+            time.monotonic() - started,
+            outcome[1],
+            start_seconds=timing["first_step"] - received if timing else None,
+            finish_seconds=sent - timing["train_end"] if timing else None,
+        )
+        fixed = (
+            f"; start {result.start_seconds:.2f}s, finish {result.finish_seconds:.2f}s"
+            if timing
+            else ""
+        )
         self._log(
             f"trial {trial.trial_id}: {result.outcome} in {result.seconds:.1f}s"
-            + (f" ({result.detail})" if result.detail else "")
+            + (f" ({result.detail}{fixed})" if result.detail else "")
         )
         self._tidy_outputs(assignment, trial_dir / "output")
         return result
@@ -408,10 +441,11 @@ class Worker:
             os.killpg(child.pid, signal.SIGTERM)
             child.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            _end_group(child.pid)
             child.wait()
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # not yet in a group of its own (a trial just forked)
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
 
     def _report(self, a: Assignment, code: int, log_path: Path) -> tuple[Outcome, str]:
         wid = self.settings.worker_id
@@ -444,3 +478,18 @@ class Worker:
             return "failed", reason.splitlines()[0]
         except FailedPrecondition as e:
             return "lost", e.message
+
+
+def _end_group(pgid: int) -> None:
+    """SIGKILL whatever is left of a trial's process group (nothing, usually)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _timing(result_path: Path) -> dict[str, float]:
+    """When the trial's training began and ended (wall clock), if it says."""
+    try:
+        timing = TrialResult.read(result_path).timing
+    except (OSError, ValueError, TypeError):
+        return {}
+    return timing if {"first_step", "train_end"} <= timing.keys() else {}

@@ -289,9 +289,14 @@ class Trial(Generic[S]):
         started = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - started
+        timing = {"train_end": time.time()}
+        if callback.first_step is not None:
+            timing["first_step"] = callback.first_step
         self._record_rank(trainer)
         if callback.stopped:
-            return TrialResult("stopped", rungs=callback.rungs, reason=callback.reason)
+            return TrialResult(
+                "stopped", rungs=callback.rungs, reason=callback.reason, timing=timing
+            )
         final: dict[str, float] = dict(callback.rungs[-1]["metrics"]) if callback.rungs else {}
         net = whole_model(trainer)  # every rank takes part when ZeRO-3 shards the weights
         if not trainer.is_world_process_zero():
@@ -303,7 +308,10 @@ class Trial(Generic[S]):
         if self.runner.save_model:
             self._save(net, tokenizer)
         return TrialResult(
-            "complete", metrics=self._measured(net, tokenizer, final), rungs=callback.rungs
+            "complete",
+            metrics=self._measured(net, tokenizer, final),
+            rungs=callback.rungs,
+            timing=timing,
         )
 
     def evaluate(
