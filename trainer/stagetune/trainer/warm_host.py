@@ -25,6 +25,7 @@ Imports no torch: the worker loop stays light; only the host and its children ho
 from __future__ import annotations
 
 import argparse
+import atexit
 import multiprocessing
 import os
 import signal
@@ -183,6 +184,9 @@ def _trial(module: str, argv: list[str], envs: list[dict[str, str]], log: str) -
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Exit handlers are the trial's own, run as a cold process would run them at exit; the
+    # host's stay with the host.
+    atexit._clear()
     ranks: list[int] = []
     for env in envs[1:]:
         pid = os.fork()
@@ -190,6 +194,7 @@ def _trial(module: str, argv: list[str], envs: list[dict[str, str]], log: str) -
             code = 1
             try:
                 code = _run_rank(module, argv, env)
+                atexit._run_exitfuncs()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -201,6 +206,7 @@ def _trial(module: str, argv: list[str], envs: list[dict[str, str]], log: str) -
         other = os.waitstatus_to_exitcode(status)  # -N: killed by signal N
         if not code and other:
             code = other if other > 0 else 128 - other
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
@@ -220,11 +226,18 @@ class WarmHost:
         self.start()
 
     def start(self) -> None:
-        """Start the host now (or again, if it died): imports paid once, not by a trial."""
+        """Start the host now (or again, if it died); it imports in the background."""
         from multiprocessing import forkserver
 
         with _environ(self.env):
             forkserver.ensure_running()
+
+    def ready(self) -> None:
+        """Wait until the host has imported the stack (it forks a no-op process)."""
+        self.start()
+        process = self._ctx.Process(target=int, name="stagetune-warm-up")
+        process.start()
+        process.join()
 
     def launch(self, cmd: list[str], env: Mapping[str, str], log_path: Path) -> WarmTrial:
         """Fork the trial ``cmd`` (a ``launch_command`` line) would start, with ``env``."""

@@ -8,6 +8,7 @@ sets its own thread count and sees only its own GPUs (both read when first used)
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 import accelerate  # noqa: F401
@@ -43,3 +44,8 @@ for _module, _names in {
 }.items():
     for _name in _names:
         getattr(importlib.import_module(_module), _name)
+
+# What was imported is never collected: keep it out of every trial's garbage collections
+# (a full collection at the end of training walks the whole heap otherwise), and keep the
+# collector from writing to the pages each fork shares with the host.
+gc.freeze()

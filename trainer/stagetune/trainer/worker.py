@@ -148,7 +148,9 @@ class TrialOutcome:
 class Worker:
     """One polling worker. ``run`` loops until stopped, out of work, or out of trials."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, host: WarmHost | None = None) -> None:
+        """``host``: a warm trial host to share (several workers of one process, one host);
+        by default the worker starts its own on its first trial."""
         self.settings = settings
         self.scripts = check_allowed_scripts(settings.scripts)  # InvalidArgument: --allow-script
         # Claimed before anything else: a worker that cannot have its devices says so and
@@ -162,7 +164,7 @@ class Worker:
         #: The signal that stopped the worker, if one did (the CLI exits 128 + it).
         self.stopped_by: int | None = None
         self._child: TrialProcess | None = None
-        self._host: WarmHost | None = None
+        self._host = host
         self.outcomes: list[TrialOutcome] = []
 
     def stop(self) -> None:
@@ -185,6 +187,8 @@ class Worker:
         self._log(f"polling {s.server}" + (f" for study {s.study_name}" if s.study_name else ""))
         if self.devices.devices:
             self._log(f"trials run on GPU {self.devices.cuda_visible_devices}")
+        if not s.cold:
+            self.warm_host()  # it imports the training stack while the worker polls
         try:
             self._check_study_fits()
             while not self._stop.is_set():
@@ -402,8 +406,8 @@ class Worker:
         assert self._child is not None
         interval = max(1.0, min(30.0, (lease or 60.0) / 4))
         next_beat = time.monotonic() + interval
-        while self._child.poll() is None:
-            if self._stop.wait(0.2):
+        while not self._ended(0.2):  # wakes as the trial ends, not at the next tick
+            if self._stop.is_set():
                 self._kill_child()
                 try:
                     self.client.fail(
@@ -432,6 +436,15 @@ class Worker:
                 except StagetuneError as e:
                     self._log(f"heartbeat failed: {e.message}")
         return None
+
+    def _ended(self, timeout: float) -> bool:
+        """Whether the trial process has ended, waiting up to ``timeout`` seconds."""
+        assert self._child is not None
+        try:
+            self._child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _kill_child(self) -> None:
         child = self._child
