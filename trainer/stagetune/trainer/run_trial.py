@@ -26,6 +26,7 @@ from stagetune.contract.stages import STAGES
 from stagetune.trainer.assignment import Assignment, TrialResult, free_port, process_rank
 from stagetune.trainer.rungs import GrpcReporter, NullReporter, Reporter
 from stagetune.trainer.tasks import STAGE_EXAMPLES, prepare_splits
+from stagetune.trainer.trial_launch import uses_deepspeed
 
 __all__ = ["main"]
 
@@ -44,9 +45,11 @@ def _runner(stage: str) -> Callable[[Assignment, Reporter], TrialResult] | None:
 
 
 def _single_process_rendezvous() -> None:
-    """A one-process trial still gets a rank, a world size and a rendezvous address:
-    DeepSpeed initialises torch.distributed even for one process (and otherwise looks for
-    MPI). The launcher sets these for multi-process trials."""
+    """A one-process DeepSpeed trial still gets a rank, a world size and a rendezvous
+    address: DeepSpeed initialises torch.distributed even for one process (and otherwise
+    looks for MPI). The launcher sets these for multi-process trials. Any other one-process
+    trial gets none: with a world size the Trainer would wrap the model in DDP and start a
+    process group for a world of one, at a cost to every start and every step."""
     if "WORLD_SIZE" in os.environ:
         return
     port = free_port()
@@ -96,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     a = Assignment.read(args.assignment)
-    _single_process_rendezvous()
+    if uses_deepspeed(a):
+        _single_process_rendezvous()
     rank0 = process_rank() == 0
     runner = _runner(a.stage)
     if runner is None:
