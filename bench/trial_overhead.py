@@ -13,7 +13,8 @@ Llama (hidden 32, 1 layer) on synthetic arithmetic data, rungs at 2 and 4 steps,
 stopping, --trials trials a stage and arm, arms alternating stage by stage. The warm
 worker's host starts once (its start is reported apart). Then a long trial (the lora
 stage, --long-steps steps, about a minute here) for the share of fixed cost in a
-60-second trial.
+60-second trial. Peak memory (on CPU the trial process's peak RSS) is shown for both arms:
+a forked trial's count includes the host's resident pages it shares.
 
     .venv/bin/python bench/trial_overhead.py            # ~10 min on a 2-core CPU
 
@@ -90,7 +91,9 @@ def _run(address: str, spec: Any, arm: str, settings: dict[str, Any], host: Any)
     bad = [o for o in outcomes if o.outcome != "complete"]
     if bad:
         raise SystemExit(f"{spec.name}: {bad[0].outcome}: {bad[0].detail}")
-    return outcomes
+    with StudyClient(address, timeout=30) as client:
+        memory = {t.trial_id: t.metrics["peak_memory_mb"] for t in client.list_trials(spec.name)}
+    return [dataclasses.replace(o, detail=str(memory[o.trial_id])) for o in outcomes]
 
 
 def _median(values: list[float]) -> float:
@@ -106,6 +109,7 @@ def _row(outcomes: list[Any]) -> dict[str, float]:
         "finish": _median(finish),
         "fixed": _median([s + f for s, f in zip(start, finish, strict=True)]),
         "wall": _median(wall),
+        "peak_memory_mb": _median([float(o.detail) for o in outcomes]),
         "n": len(outcomes),
     }
 
@@ -123,8 +127,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"warm host start (imports, once per worker): {r['host_start_seconds']:.1f} s",
         "",
         "| stage | cold start | cold finish | cold fixed | warm start | warm finish "
-        "| warm fixed | trial wall cold / warm | warm fixed ≤ 1 s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| warm fixed | trial wall cold / warm | peak MiB cold / warm | warm fixed ≤ 1 s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in r["stages"]:
         c, w = r["stages"][stage]["cold"], r["stages"][stage]["warm"]
@@ -133,7 +137,8 @@ def _markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {stage} | {c['start']:.2f} | {c['finish']:.2f} | {cf} "
             f"| {w['start']:.2f} | {w['finish']:.2f} | {wf} "
-            f"| {c['wall']:.1f} / {w['wall']:.1f} | {met} |"
+            f"| {c['wall']:.1f} / {w['wall']:.1f} "
+            f"| {c['peak_memory_mb']:.0f} / {w['peak_memory_mb']:.0f} | {met} |"
         )
     if r.get("long"):
         c, w = r["long"]["cold"], r["long"]["warm"]
