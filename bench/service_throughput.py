@@ -8,6 +8,13 @@ Each worker is its own process and loops acquire/ask -> complete/tell with rando
 3-objective results (multi-objective TPE, constant liar) until the budget is spent.
 Reports trials/s and acquire (ask) latency p50/p99.
 
+Like for like: every SQLite database runs in WAL mode (stagetune's server sets it; the
+Optuna arms' file is switched to WAL before the run), and MLflow tracking is off for every
+arm (Optuna has none to turn on); `stagetune+mlflow` is the stagetune arm with its MLflow
+store on. Optuna's ask samples inside the call; stagetune samples ahead on its suggestion
+thread, so its acquire latency excludes sampling: the time each suggestion took the sampler
+is reported beside it (sample p50/p99).
+
     .venv/bin/python bench/service_throughput.py --workers 4 16 --trials 100 300
 """
 
@@ -134,7 +141,17 @@ def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]
     return time.perf_counter() - start, lat
 
 
-def bench_stagetune(tmp: Path, k: int, n: int, secs: float) -> tuple[float, list[float]]:
+def _wal(path: Path) -> None:
+    """Switch a SQLite file to WAL (persistent: every later connection uses it)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+def bench_stagetune(
+    tmp: Path, k: int, n: int, secs: float, tracking: bool = False
+) -> tuple[float, list[float], list[float]]:
     import dataclasses
 
     from stagetune.contract.client import StudyClient
@@ -143,24 +160,28 @@ def bench_stagetune(tmp: Path, k: int, n: int, secs: float) -> tuple[float, list
 
     spec = load_spec_file(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
     spec = dataclasses.replace(spec, name="bench", budget=BudgetSpec(n, 0))
-    server = make_server(ServerSettings(port=0, data_dir=tmp, tracking_uri="")).start()
+    uri = f"sqlite:///{tmp / 'mlflow.db'}" if tracking else ""
+    server = make_server(ServerSettings(port=0, data_dir=tmp, tracking_uri=uri)).start()
     try:
         with StudyClient(server.address) as sc:
             sc.create_study(spec)
         result = _run_workers(
             _stagetune_worker, lambda i, ctx: (server.address, "bench", i, secs), k
         )
-        misses = server.service.policy.pool.misses
-        print(f"stagetune: {misses} acquire(s) found no ready suggestion and waited", flush=True)
-        return result
+        pool = server.service.policy.pool
+        print(f"stagetune: {pool.misses} acquire(s) found no ready suggestion and waited")
+        return (*result, list(pool.sample_seconds))
     finally:
         server.stop(0)
 
 
-def bench_optuna(tmp: Path, k: int, n: int, secs: float, proxy: bool) -> tuple[float, list[float]]:
+def bench_optuna(
+    tmp: Path, k: int, n: int, secs: float, proxy: bool
+) -> tuple[float, list[float], list[float]]:
     import optuna
     from optuna.storages._grpc.server import make_server
 
+    _wal(tmp / "optuna.db")
     url = f"sqlite:///{tmp / 'optuna.db'}"
     rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
@@ -174,7 +195,8 @@ def bench_optuna(tmp: Path, k: int, n: int, secs: float, proxy: bool) -> tuple[f
     ctx = mp.get_context("spawn")
     left = ctx.Value("i", n)
     try:
-        return _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left, secs), k)
+        wall, lat = _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left, secs), k)
+        return wall, lat, []  # sampling is inside ask
     finally:
         if server is not None:
             server.stop(0)
@@ -186,7 +208,11 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--trials", type=int, nargs="+", default=[100])
-    parser.add_argument("--systems", nargs="+", default=["stagetune", "optuna-proxy", "optuna-rdb"])
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["stagetune", "stagetune+mlflow", "optuna-proxy", "optuna-rdb"],
+    )
     parser.add_argument(
         "--trial-seconds",
         type=float,
@@ -200,23 +226,38 @@ def main() -> None:
         for k in args.workers:
             for system in args.systems:
                 with tempfile.TemporaryDirectory() as tmp:
-                    if system == "stagetune":
-                        wall, lat = bench_stagetune(Path(tmp), k, n, args.trial_seconds)
+                    if system.startswith("stagetune"):
+                        tracked = system == "stagetune+mlflow"
+                        wall, lat, sample = bench_stagetune(
+                            Path(tmp), k, n, args.trial_seconds, tracked
+                        )
                     else:
                         proxy = system == "optuna-proxy"
-                        wall, lat = bench_optuna(Path(tmp), k, n, args.trial_seconds, proxy)
-                q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
-                row = (n, k, system, len(lat) / wall, q[49] * 1e3, q[98] * 1e3)
+                        wall, lat, sample = bench_optuna(Path(tmp), k, n, args.trial_seconds, proxy)
+                q = _percentiles(lat)
+                s = _percentiles(sample) if sample else None
+                row = (n, k, system, len(lat) / wall, q, s)
                 rows.append(row)
                 print(
-                    f"trials={n:5d} workers={k:3d} {system:13s} {row[3]:7.1f} trials/s  "
-                    f"acquire p50 {row[4]:7.1f} ms  p99 {row[5]:7.1f} ms",
+                    f"trials={n:5d} workers={k:3d} {system:16s} {row[3]:7.1f} trials/s  "
+                    f"acquire p50 {q[0]:7.1f} ms  p99 {q[1]:7.1f} ms"
+                    + (f"  sample p50 {s[0]:.1f} ms p99 {s[1]:.1f} ms" if s else ""),
                     flush=True,
                 )
-    print("\n| trials | workers | system | trials/s | acquire p50 (ms) | acquire p99 (ms) |")
-    print("|---:|---:|---|---:|---:|---:|")
-    for n, k, system, tps, p50, p99 in rows:
-        print(f"| {n} | {k} | {system} | {tps:.1f} | {p50:.1f} | {p99:.1f} |")
+    print(
+        "\n| trials | workers | system | trials/s | acquire p50 (ms) | acquire p99 (ms) "
+        "| sample p50 / p99 (ms) |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for n, k, system, tps, q, s in rows:
+        sampled = f"{s[0]:.1f} / {s[1]:.1f}" if s else "in acquire"
+        print(f"| {n} | {k} | {system} | {tps:.1f} | {q[0]:.1f} | {q[1]:.1f} | {sampled} |")
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    """p50 and p99, in milliseconds."""
+    q = statistics.quantiles(seconds, n=100) if len(seconds) > 1 else [seconds[0]] * 99
+    return q[49] * 1e3, q[98] * 1e3
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ class SuggestionPool:
         self._in_flight: collections.Counter[str] = collections.Counter()  # events not applied
         self._closed = False
         self.misses = 0  # pops that had to wait for the sampler
+        # Seconds each suggestion took the sampler (the latest ones): acquire does not
+        # include them, since suggestions are made ahead; benchmarks report them apart.
+        self.sample_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
         self._thread = threading.Thread(target=self._run, name="suggestions", daemon=True)
         self._thread.start()
 
@@ -247,7 +250,9 @@ class SuggestionPool:
         mirror = self._mirrors.get(name)
         if mirror is None or self._stale(mirror):
             mirror = self._build(name)
+        started = time.perf_counter()
         trial = mirror.study.ask(fixed_distributions=distributions_of(mirror.spec))
+        self.sample_seconds.append(time.perf_counter() - started)
         mirror_id = rdb.trial_id(trial)
         system_attrs = rdb.storage_of(mirror.study).get_trial(mirror_id).system_attrs
         suggestion = Suggestion(
