@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["TrialProcess", "ColdTrial", "WarmHost", "rank_environments"]
 
@@ -173,10 +173,13 @@ def _run_rank(module: str, argv: list[str], env: Mapping[str, str]) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
-def _trial(module: str, argv: list[str], envs: list[dict[str, str]], log: str) -> None:
+def _trial(
+    module: str, argv: list[str], envs: list[dict[str, str]], log: str, grouped: Any
+) -> None:
     """The forked trial (``multiprocessing`` target): a session of its own, its output in
     the trial log, rank 0 here and every other rank forked beside it."""
     os.setsid()
+    grouped.set()  # the worker may now end the whole trial with one killpg
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -244,8 +247,15 @@ class WarmHost:
         module, argv = _entry(cmd)
         envs = rank_environments(cmd, env)
         self.start()
+        grouped = self._ctx.Event()
         process = self._ctx.Process(
-            target=_trial, args=(module, argv, envs, str(log_path)), name="stagetune-trial"
+            target=_trial,
+            args=(module, argv, envs, str(log_path), grouped),
+            name="stagetune-trial",
         )
         process.start()
+        # Returned once the trial leads its own process group (as a cold trial does from
+        # its first instruction), so its pid is a group to end, even on a loaded machine.
+        while not grouped.wait(0.1) and process.exitcode is None:
+            pass
         return WarmTrial(process)
