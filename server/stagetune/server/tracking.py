@@ -21,6 +21,7 @@ import logging
 import math
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,6 +38,10 @@ from stagetune.server.front_artifacts import plot_front, write_front_csv
 from stagetune.server.records import TrialRecord
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "local_artifact_root"]
+
+#: How a database says a row with that key was just written by someone else (PostgreSQL,
+#: SQLite, MySQL), as MLflow passes it on.
+_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -213,6 +218,20 @@ class MlflowTracker:
         self.errors = 0
 
     # ------------------------------------------------------------ plumbing
+
+    def _set_tag(self, run_id: str, key: str, value: str) -> None:
+        """Set a tag another replica may be setting at the same moment: MLflow's SQL store
+        writes a tag by reading, then inserting, so two writers can both insert and one
+        gets a unique-key error. The tag exists then; writing again updates it."""
+        for attempt in range(3):
+            try:
+                self._client.set_tag(run_id, key, value)
+                return
+            except Exception as e:
+                text = str(e)
+                if attempt == 2 or not any(m in text for m in _DUPLICATE_KEY):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def _submit(self, fn: Any, *args: Any) -> Future[Any]:
         def guarded() -> Any:
@@ -435,8 +454,8 @@ class MlflowTracker:
             run_id = self._child(spec, t)
             tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
             if self._tags.get(run_id) != tags:
-                self._client.set_tag(run_id, "pareto_front", tags[0])
-                self._client.set_tag(run_id, "pareto_rank", tags[1])
+                self._set_tag(run_id, "pareto_front", tags[0])
+                self._set_tag(run_id, "pareto_rank", tags[1])
                 self._tags[run_id] = tags
         front = sorted((t for t in trials if t.pareto_rank == 1), key=lambda t: t.values)
         with tempfile.TemporaryDirectory() as tmp:
