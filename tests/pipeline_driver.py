@@ -117,12 +117,21 @@ class FakeTrials:
         upload_saved_model(a, runner, model, tracking_uri=self.tracking_uri, wait_seconds=20)
         self.models[trial.trial_id] = folder_sha256(model)
 
-    def run_until(self, done: Callable[[], bool], timeout: float = 120.0) -> None:
-        """Run trials until ``done()``; fail after ``timeout`` seconds."""
+    def run_until(
+        self,
+        done: Callable[[], bool],
+        timeout: float = 120.0,
+        hold: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Run trials until ``done()``; fail after ``timeout`` seconds. While ``hold()``,
+        run none (a test holds the pipeline in a phase it wants to interrupt)."""
         deadline = time.monotonic() + timeout
         while not done():
             if time.monotonic() > deadline:
                 raise TimeoutError("the pipeline did not get there in time")
+            if hold():
+                time.sleep(0.05)
+                continue
             try:
                 if not self.step():
                     time.sleep(0.05)

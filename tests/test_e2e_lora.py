@@ -137,18 +137,22 @@ def test_the_worker_survives_a_trial_that_errors(
 def test_the_worker_survives_a_trial_process_killed_by_sigkill(
     tracked_server: StagetuneServer, lora_spec: StudySpec, tmp_path: Path
 ) -> None:
-    spec = tiny_spec(lora_spec, tmp_path, trials=2)
+    # Long enough (rungs 2, 20, 200) that the first trial is still training when killed:
+    # a warm tiny trial of 4 steps is over in about a second.
+    spec = dataclasses.replace(
+        tiny_spec(lora_spec, tmp_path, trials=2), fidelity=FidelitySpec(2, 200, 10)
+    )
     with StudyClient(tracked_server.address) as sc:
         sc.create_study(spec)
         w = worker(tracked_server, tmp_path, spec.name)
         runner = threading.Thread(target=w.run)
         runner.start()
-        deadline = time.monotonic() + 60
-        while w._child is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert w._child is not None, "no trial process started"
-        time.sleep(1.0)
-        os.killpg(w._child.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(t.rungs for t in sc.list_trials(spec.name)):
+            time.sleep(0.05)  # until the first trial has trained and reported its first rung
+        child = w._child
+        assert child is not None, "no trial process running"
+        os.killpg(child.pid, signal.SIGKILL)  # as the kernel's OOM killer would
         runner.join(timeout=240)
         assert not runner.is_alive()
         trials = sc.list_trials(spec.name)

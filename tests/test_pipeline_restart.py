@@ -71,10 +71,13 @@ def test_a_pipeline_finishes_across_servers_killed_with_sigkill(tmp_path: Path) 
     pipelines = PipelineClient(address, timeout=10, retries=8, backoff=0.25)
     finished = threading.Event()
     failures: list[BaseException] = []
+    # The driver runs no trial while the test waits to kill the server in a phase: on a
+    # loaded machine a phase could otherwise pass between two polls.
+    holding = threading.Event()
 
     def work() -> None:
         try:
-            driver.run_until(finished.is_set, timeout=400)
+            driver.run_until(finished.is_set, timeout=400, hold=holding.is_set)
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             failures.append(e)
 
@@ -86,11 +89,19 @@ def test_a_pipeline_finishes_across_servers_killed_with_sigkill(tmp_path: Path) 
         # Mid-retrain of stage 1, mid-search of stage 2, and as stage 3 is scored on test.
         for stage, phase in ((0, "RETRAINING"), (1, "SEARCHING"), (2, "EVALUATING")):
             wanted = ps.StagePhase.Value(f"STAGE_PHASE_{phase}")
-            wait_for(lambda: pipelines.get("survivor").stages[stage].phase == wanted)  # noqa: B023
+
+            def there() -> bool:
+                reached = pipelines.get("survivor").stages[stage].phase == wanted  # noqa: B023
+                if reached:
+                    holding.set()
+                return reached
+
+            wait_for(there)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
             proc = serve(port, data)
+            holding.clear()
         wait_for(state_is(pipelines, "survivor", ps.PIPELINE_STATE_DONE), timeout=300)
         finished.set()
         worker.join(timeout=60)
