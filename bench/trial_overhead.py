@@ -163,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3, help="trials per stage and arm")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--long-steps", type=int, default=160, help="0: no long trial")
+    parser.add_argument("--long-steps", type=int, default=5000, help="0: no long trial")
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="stagetune-overhead-"))
