@@ -32,7 +32,7 @@ from pathlib import Path
 from stagetune.contract.client import StudyClient
 from stagetune.contract.errors import InvalidArgument
 from stagetune.contract.names import TRIAL_STATES
-from stagetune.contract.spec import spec_from_proto, value_from_proto
+from stagetune.contract.spec import spec_from_proto
 from stagetune.contract.stages import STAGES
 from stagetune.trainer.assignment import Assignment, TrialResult, trial_seed
 from stagetune.trainer.trial_launch import launch_command, uses_deepspeed
@@ -105,20 +105,13 @@ def recorded_assignment(
                 "trial", f"trial {trial.trial_id} is {state} and recorded no metrics to compare"
             )
         stop_after = int(trial.rungs[-1].step)
-    assignment = Assignment(
-        trial_id=trial.trial_id,
-        study_name=trial.study_name,
-        number=trial.number,
-        attempt=trial.attempt,
-        stage=spec.stage,
-        params={k: value_from_proto(v) for k, v in trial.params.items()},
-        runner=spec.runner,
-        rung_steps=spec.fidelity.rungs(),
-        objectives=spec.metric_names,
-        output_dir=str(folder / "output"),
-        result_path=str(folder / "result.json"),
-        worker_id="reproduce",
+    assignment = Assignment.of_trial(
+        spec,
+        trial,
+        spec.fidelity.rungs(),
+        folder,
         seed=_seed(spec.sampler.seed, trial),
+        worker_id="reproduce",
     )
     return assignment, stop_after
 

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stagetune.contract.spec import StudySpec, value_from_proto
+from stagetune.v1 import types_pb2 as pb
+
 ParamValue = float | int | str | bool
 
 __all__ = ["Assignment", "TrialResult", "ParamValue", "free_port", "process_rank", "trial_seed"]
@@ -42,6 +45,36 @@ class Assignment:
     server: str = ""  # "host:port" for ReportProgress; empty = no reporting (tests)
     worker_id: str = ""
     seed: int = 0
+
+    @classmethod
+    def of_trial(
+        cls,
+        spec: StudySpec,
+        trial: pb.Trial,
+        rung_steps: list[int],
+        folder: Path,
+        seed: int,
+        server: str = "",
+        worker_id: str = "",
+    ) -> Assignment:
+        """The assignment of ``trial`` of the study ``spec``, writing into ``folder``: what
+        a worker runs a leased trial with, and what ``stagetune reproduce`` re-runs."""
+        return cls(
+            trial_id=trial.trial_id,
+            study_name=trial.study_name,
+            number=trial.number,
+            attempt=trial.attempt,
+            stage=spec.stage,
+            params={k: value_from_proto(v) for k, v in trial.params.items()},
+            runner=spec.runner,
+            rung_steps=list(rung_steps),
+            objectives=spec.metric_names,
+            output_dir=str(folder / "output"),
+            result_path=str(folder / "result.json"),
+            server=server,
+            worker_id=worker_id,
+            seed=seed,
+        )
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

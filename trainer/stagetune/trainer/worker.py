@@ -51,7 +51,7 @@ from stagetune.contract.errors import (
     StagetuneError,
     Unavailable,
 )
-from stagetune.contract.spec import spec_from_proto, value_from_proto
+from stagetune.contract.spec import spec_from_proto
 from stagetune.contract.stages import CUSTOM
 from stagetune.trainer.allowed_scripts import ALLOW_FLAG, check_allowed_scripts, refusal
 from stagetune.trainer.assignment import Assignment, TrialResult, trial_seed
@@ -253,22 +253,14 @@ class Worker:
 
     def _write_assignment(self, got: ws.Assignment, trial_dir: Path) -> Assignment:
         spec = spec_from_proto(got.spec)
-        trial = got.trial
-        assignment = Assignment(
-            trial_id=trial.trial_id,
-            study_name=trial.study_name,
-            number=trial.number,
-            attempt=trial.attempt,
-            stage=spec.stage,
-            params={k: value_from_proto(v) for k, v in trial.params.items()},
-            runner=spec.runner,
-            rung_steps=list(got.rung_steps),
-            objectives=spec.metric_names,
-            output_dir=str(trial_dir / "output"),
-            result_path=str(trial_dir / "result.json"),
+        assignment = Assignment.of_trial(
+            spec,
+            got.trial,
+            list(got.rung_steps),
+            trial_dir,
+            seed=trial_seed(spec.sampler.seed, got.trial.number),
             server=self.settings.server,
             worker_id=self.settings.worker_id,
-            seed=trial_seed(spec.sampler.seed, trial.number),
         )
         assignment.write(trial_dir / "assignment.json")
         return assignment
