@@ -22,13 +22,15 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from results_file import provenance, write_results
+
+from stagetune.trainer.assignment import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,12 +44,6 @@ QUALITY = {
     "dpo": ["reward_accuracy", "reward_margin"],
 }
 COST = ["decode_latency_ms", "peak_memory_mb"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_done(address: str, name: str, log: Any) -> Any:
@@ -159,7 +155,7 @@ def main() -> None:
         )
     args.work.mkdir(parents=True, exist_ok=True)
     log = sys.stdout
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     tracking = f"sqlite:///{args.work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "STAGETUNE_SERVER": address}
@@ -197,12 +193,9 @@ def main() -> None:
         cwd=ROOT,
     )
     record: dict[str, Any] = {
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        **provenance(("torch", "transformers", "trl", "peft", "optuna")),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, "
         f"{args.threads} threads per trial, 1 worker",
-        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft", "optuna")},
         "arms": {},
     }
     try:
@@ -239,10 +232,7 @@ def main() -> None:
         worker.wait(120)
         server.terminate()
         server.wait(60)
-    out = ROOT / "bench/results/lifecycle_smollm2"
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(record))
-    print(_markdown(record))
+    write_results("lifecycle_smollm2", record, _markdown(record))
 
 
 if __name__ == "__main__":

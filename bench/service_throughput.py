@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import random
-import socket
 import statistics
 import tempfile
 import threading
@@ -31,13 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stagetune.trainer.assignment import free_port
+
 DIRECTIONS: list[Any] = ["minimize", "minimize", "minimize"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _search_space() -> dict[str, Any]:
@@ -188,7 +183,7 @@ def bench_optuna(
     server = None
     spec: tuple[str, Any] = ("rdb", url)
     if proxy:
-        port = _free_port()
+        port = free_port()
         server = make_server(rdb, "127.0.0.1", port)
         server.start()
         spec = ("proxy", port)

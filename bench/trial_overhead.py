@@ -25,29 +25,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from results_file import provenance, write_results
+
+from stagetune.trainer.assignment import free_port
+
 STAGES = ["pretrain_proxy", "sft", "lora", "dpo", "grpo"]
 TARGET_SECONDS = 1.0
 TARGET_SHARE = 0.03
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spec(stage: str, name: str, trials: int, steps: tuple[int, int], cache: Path) -> Any:
@@ -167,7 +161,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="stagetune-overhead-"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     server = subprocess.Popen(
         [Path(sys.executable).parent / "stagetune", "serve", "--port", str(port)]
@@ -186,12 +180,9 @@ def main() -> None:
     host.ready()
     host_start = time.monotonic() - started
     record: dict[str, Any] = {
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        **provenance(("torch", "transformers", "trl", "peft", "accelerate")),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, "
         f"{args.threads} threads per trial",
-        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft", "accelerate")},
         "host_start_seconds": host_start,
         "stages": {},
     }
@@ -214,10 +205,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    out = ROOT / "bench/results/trial_overhead"
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(record))
-    print(_markdown(record))
+    write_results("trial_overhead", record, _markdown(record))
 
 
 if __name__ == "__main__":
