@@ -341,10 +341,19 @@ class Worker:
         code = self._child.wait()
         _end_group(self._child.pid)  # what the trial left behind (its ranks' helpers)
         self._child = None
+        timing: dict[str, float] = {}
         if outcome is None:
-            outcome = self._report(assignment, code, log_path)
+            path = Path(assignment.result_path)
+            written = TrialResult.read(path) if path.exists() else None
+            outcome = self._report(assignment, code, log_path, written)
+            # when training began and ended (wall clock), if the trial says
+            if (
+                outcome[0] == "complete"
+                and written is not None
+                and {"first_step", "train_end"} <= written.timing.keys()
+            ):
+                timing = written.timing
         sent = time.time()
-        timing = _timing(Path(assignment.result_path)) if outcome[0] == "complete" else {}
         result = TrialOutcome(
             trial.trial_id,
             outcome[0],
@@ -452,10 +461,12 @@ class Worker:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
 
-    def _report(self, a: Assignment, code: int, log_path: Path) -> tuple[Outcome, str]:
+    def _report(
+        self, a: Assignment, code: int, log_path: Path, result: TrialResult | None
+    ) -> tuple[Outcome, str]:
+        """Report how the trial ended, from its exit ``code`` and the ``result`` it wrote
+        (None: it wrote none)."""
         wid = self.settings.worker_id
-        result_path = Path(a.result_path)
-        result = TrialResult.read(result_path) if result_path.exists() else None
         try:
             if result is not None and result.status == "stopped":
                 return "stopped", result.reason
@@ -489,12 +500,3 @@ def _end_group(pgid: int) -> None:
     """SIGKILL whatever is left of a trial's process group (nothing, usually)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _timing(result_path: Path) -> dict[str, float]:
-    """When the trial's training began and ended (wall clock), if it says."""
-    try:
-        timing = TrialResult.read(result_path).timing
-    except (OSError, ValueError, TypeError):
-        return {}
-    return timing if {"first_step", "train_end"} <= timing.keys() else {}
