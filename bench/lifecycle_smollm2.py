@@ -107,6 +107,9 @@ def _markdown(record: dict[str, Any]) -> str:
         f"commit {record['commit']}, {record['machine']}, "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
         "",
+        "arms run at: "
+        + ", ".join(f"{a} {record['arms'][a].get('commit', record['commit'])}" for a in arms),
+        "",
         "| stage | metric (test split) | "
         + " | ".join(arms)
         + " | eval-test gap "
@@ -143,11 +146,29 @@ def _markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _kept_arms(rerun: set[str]) -> dict[str, Any]:
+    """The recorded arms that this run does not re-run, each with the commit it ran at."""
+    path = ROOT / "bench" / "results" / "lifecycle_smollm2.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    kept = {}
+    for arm, data in old["arms"].items():
+        if arm in ARMS and arm not in rerun and "stages" in data:
+            kept[arm] = {"commit": old["commit"], **data}
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "stagetune-data/bench-lifecycle")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the other arms of the recorded results (each tagged with its own commit)",
+    )
     args = parser.parse_args()
     if not (MODEL / "config.json").exists():
         subprocess.run(
@@ -198,6 +219,8 @@ def main() -> None:
         f"{args.threads} threads per trial, 1 worker",
         "arms": {},
     }
+    if args.keep:
+        record["arms"] = _kept_arms(set(args.arms))
     try:
         for arm in args.arms:
             started = time.monotonic()
@@ -221,6 +244,7 @@ def main() -> None:
             ).stdout
             print(status, file=log, flush=True)
             record["arms"][arm] = {
+                "commit": record["commit"],
                 "pipeline": name,
                 "wall_seconds": wall,
                 "status": status,
