@@ -219,19 +219,47 @@ class MlflowTracker:
 
     # ------------------------------------------------------------ plumbing
 
-    def _set_tag(self, run_id: str, key: str, value: str) -> None:
-        """Set a tag another replica may be setting at the same moment: MLflow's SQL store
+    def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set tags another replica may be setting at the same moment: MLflow's SQL store
         writes a tag by reading, then inserting, so two writers can both insert and one
         gets a unique-key error. The tag exists then; writing again updates it."""
         for attempt in range(3):
             try:
-                self._client.set_tag(run_id, key, value)
+                self._log_batch(run_id, tags=tags)
                 return
             except Exception as e:
                 text = str(e)
                 if attempt == 2 or not any(m in text for m in _DUPLICATE_KEY):
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: dict[str, float] | None = None,
+        step: int = 0,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """One MLflow write for many values: a trial's end is one transaction, not one per
+        metric and tag (at thousands of trials the store's commits are the tracker's
+        cost). Non-finite metrics are left out, as MLflow cannot store them portably."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        finite = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
+        if not (finite or params or tags):
+            return
+        m = [Metric(k, v, now, step) for k, v in finite.items()]
+        p = [Param(k, v) for k, v in (params or {}).items()]
+        t = [RunTag(k, v) for k, v in (tags or {}).items()]
+        # MLflow's limits on one batch: 1000 metrics, 100 params, 100 tags.
+        for i in range(0, max(len(m), 10 * len(p), 10 * len(t)), 1000):
+            j = i // 10
+            self._client.log_batch(
+                run_id, metrics=m[i : i + 1000], params=p[j : j + 100], tags=t[j : j + 100]
+            )
 
     def _submit(self, fn: Any, *args: Any) -> Future[Any]:
         def guarded() -> Any:
@@ -368,8 +396,7 @@ class MlflowTracker:
                     tags={"stagetune.study": spec.name, "stagetune.kind": "study"},
                 )
                 run_id = run.info.run_id
-                for key, value in _flat_params(spec).items():
-                    self._client.log_param(run_id, key, value)
+                self._log_batch(run_id, params=_flat_params(spec))
                 self._client.log_dict(
                     run_id, redact(json_format.MessageToDict(spec_to_proto(spec))), "spec.json"
                 )
@@ -405,8 +432,7 @@ class MlflowTracker:
             },
         )
         run_id = run.info.run_id
-        for key, value in trial.params.items():
-            self._client.log_param(run_id, key, str(value))
+        self._log_batch(run_id, params={k: str(v) for k, v in trial.params.items()})
         self._children[trial.trial_id] = run_id
         return run_id
 
@@ -414,25 +440,19 @@ class MlflowTracker:
         run_id = self._children.get(trial.trial_id) or trial.mlflow_run_id
         if not run_id:
             return
-        for key, value in metrics.items():
-            if math.isfinite(value):
-                self._client.log_metric(run_id, key, value, step=step)
+        self._log_batch(run_id, metrics=metrics, step=step)
 
     def _finish_child(self, spec: StudySpec, trial: TrialRecord, final_step: int) -> None:
         run_id = self._child(spec, trial)
-        for key, value in trial.metrics.items():
-            if math.isfinite(value):
-                self._client.log_metric(run_id, key, value, step=final_step)
-        self._client.set_tag(run_id, "state", trial.state)
-        self._client.set_tag(run_id, "worker", trial.worker_id)
-        if trial.reason:
-            reason = redact_text(trial.reason)
-            self._client.set_tag(run_id, "reason", reason.splitlines()[0][:5000])
-            if "\n" in reason:  # a failure: its error details and the end of the trial log
-                self._client.log_text(run_id, reason, "failure.log")
+        tags = {"state": trial.state, "worker": trial.worker_id}
+        reason = redact_text(trial.reason) if trial.reason else ""
+        if reason:
+            tags["reason"] = reason.splitlines()[0][:5000]
         if trial.state != "complete":
-            self._client.set_tag(run_id, "pareto_front", "false")
-            self._client.set_tag(run_id, "pareto_rank", "0")
+            tags |= {"pareto_front": "false", "pareto_rank": "0"}
+        self._log_batch(run_id, metrics=trial.metrics, step=final_step, tags=tags)
+        if "\n" in reason:  # a failure: its error details and the end of the trial log
+            self._client.log_text(run_id, reason, "failure.log")
         self._client.set_terminated(run_id, _RUN_STATUS.get(trial.state, "FINISHED"))
 
     def _update_front(
@@ -454,8 +474,7 @@ class MlflowTracker:
             run_id = self._child(spec, t)
             tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
             if self._tags.get(run_id) != tags:
-                self._set_tag(run_id, "pareto_front", tags[0])
-                self._set_tag(run_id, "pareto_rank", tags[1])
+                self._set_tags(run_id, {"pareto_front": tags[0], "pareto_rank": tags[1]})
                 self._tags[run_id] = tags
         front = sorted((t for t in trials if t.pareto_rank == 1), key=lambda t: t.values)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,407 @@
+"""10,000 one-second trials on 16 workers: the shape of Ray Tune's scalability figure.
+
+Ray Tune's docs report 10,000 trials of 1 s on one 16-CPU node in 715 s against an ideal
+625 s: 14% overhead. This runs the same shape against the service, side by side in one
+run, each arm with a fresh database:
+
+  stagetune/sqlite      16 workers -> stagetune server -> SQLite (WAL), MLflow on (SQLite)
+  stagetune/postgresql  the same on PostgreSQL (Optuna storage and MLflow store)
+  optuna-rdb/sqlite     16 workers sample locally -> SQLite (WAL) directly
+  optuna-rdb/postgresql the same on PostgreSQL
+  optuna-proxy/sqlite   16 workers -> Optuna's GrpcStorageProxy -> SQLite (WAL)
+
+Every arm: multi-objective TPE (multivariate, constant liar) on 3 objectives over the
+same 4-parameter space. A trial "runs" 1 s at full budget, sleeping, with one rung at half
+of it. stagetune's arms run MO-ASHA (rungs at steps 2 and 4, reduction factor 2): a trial
+reports eval_loss and peak memory at the rung and stops there when MO-ASHA says so.
+Optuna has no multi-objective pruner: its workers write the rung as an intermediate
+attribute and stop each trial at the rung with probability 1/2 (seeded), the fraction
+MO-ASHA stops at factor 2, so both kinds of arm do about the same work. MLflow tracking is
+on for stagetune's arms and absent from Optuna's (it has none built in).
+
+Overhead = wall / (work / workers) - 1, where work is the seconds the trials actually
+slept (10,000 s when no trial stops; Ray Tune's formula). Also reported: acquire (ask)
+latency p50/p99, stagetune's sampling time per suggestion (done ahead of acquire), and how
+long after the last completion MLflow holds every trial (the tracker's backlog drained,
+then every trial's run counted as ended). An arm that passes --max-minutes is stopped and
+reported on the trials it finished, saying so.
+
+    .venv/bin/python bench/open_loop.py                       # ~1 h on a 2-core CPU
+    .venv/bin/python bench/open_loop.py --trials 500 --arms stagetune/sqlite   # a quick look
+
+PostgreSQL: --postgres (default: the project's test server, postgres@127.0.0.1:5432);
+each arm gets a fresh database, dropped afterwards. Writes bench/results/open_loop.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import os
+import platform
+import random
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from results_file import provenance, write_results
+from service_throughput import DIRECTIONS, _percentiles, _search_space, _values, _wal
+
+from stagetune.trainer.assignment import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = [
+    "stagetune/sqlite",
+    "stagetune/postgresql",
+    "optuna-rdb/sqlite",
+    "optuna-rdb/postgresql",
+    "optuna-proxy/sqlite",
+]
+RUNG, FULL = 2, 4  # steps: one rung at half the trial, then the end
+
+
+def _metrics(v: list[float]) -> dict[str, float]:
+    return {"eval_loss": v[0], "decode_latency_ms": v[1], "peak_memory_mb": v[2]}
+
+
+def _stagetune_worker(
+    address: str, wid: int, secs: float, deadline: float, ready: Any, out: Any
+) -> None:
+    import grpc
+
+    from stagetune.contract.client import WorkerClient
+    from stagetune.v1 import worker_service_pb2 as ws
+
+    rng = random.Random(wid)
+    lat: list[float] = []
+    work = 0.0
+    ended: dict[str, int] = {"complete": 0, "stopped": 0}
+    reasons: dict[str, int] = {}
+    me = f"bench-{wid}"
+    with WorkerClient(address, timeout=120, retries=20, backoff=0.2) as client:
+        grpc.channel_ready_future(client._channel).result(timeout=60)
+        ready.wait()
+        while time.time() < deadline:
+            t = time.perf_counter()
+            got = client.acquire(me, study_name="bench")
+            if isinstance(got, ws.NoTrial):
+                reasons[got.reason] = reasons.get(got.reason, 0) + 1
+                break
+            lat.append(time.perf_counter() - t)
+            trial = got.trial.trial_id
+            v = _values(rng)
+            time.sleep(secs * RUNG / FULL)
+            work += secs * RUNG / FULL
+            rung = {"eval_loss": v[0], "peak_memory_mb": v[2]}
+            if client.report_progress(trial, me, RUNG, rung).stop:
+                ended["stopped"] += 1
+                continue
+            time.sleep(secs * (FULL - RUNG) / FULL)
+            work += secs * (FULL - RUNG) / FULL
+            client.complete(trial, me, _metrics(v))
+            ended["complete"] += 1
+    out.put((lat, work, ended, reasons, time.perf_counter()))
+
+
+def _optuna_worker(
+    spec: tuple[str, Any],
+    wid: int,
+    left: Any,
+    secs: float,
+    deadline: float,
+    ready: Any,
+    out: Any,
+) -> None:
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    kind, where = spec
+    storage: Any
+    if kind == "proxy":
+        storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
+    else:
+        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": _connect(where)})
+    sampler = optuna.samplers.TPESampler(seed=wid, multivariate=True, constant_liar=True)
+    study = optuna.load_study(study_name="bench", storage=storage, sampler=sampler)
+    rng, coin = random.Random(wid), random.Random(10_000 + wid)
+    lat: list[float] = []
+    work = 0.0
+    ended: dict[str, int] = {"complete": 0, "stopped": 0}
+    space = _search_space()
+    ready.wait()
+    while time.time() < deadline:
+        with left.get_lock():
+            if left.value <= 0:
+                break
+            left.value -= 1
+        t = time.perf_counter()
+        trial = study.ask(space)
+        lat.append(time.perf_counter() - t)
+        v = _values(rng)
+        time.sleep(secs * RUNG / FULL)
+        work += secs * RUNG / FULL
+        trial.set_user_attr(f"rung_{RUNG}", {"eval_loss": v[0], "peak_memory_mb": v[2]})
+        if coin.random() < 0.5:
+            study.tell(trial, state=TrialState.PRUNED)
+            ended["stopped"] += 1
+            continue
+        time.sleep(secs * (FULL - RUNG) / FULL)
+        work += secs * (FULL - RUNG) / FULL
+        study.tell(trial, v)
+        ended["complete"] += 1
+    out.put((lat, work, ended, {}, time.perf_counter()))
+
+
+def _connect(url: str) -> dict[str, Any]:
+    return {"timeout": 60} if url.startswith("sqlite") else {}
+
+
+def _run(target: Any, args_of: Any, k: int) -> dict[str, Any]:
+    """k worker processes; the clock starts once every one is connected."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ready = ctx.Barrier(k + 1)
+    procs = [ctx.Process(target=target, args=(*args_of(i, ctx), ready, out)) for i in range(k)]
+    for p in procs:
+        p.start()
+    ready.wait()
+    start = time.perf_counter()
+    lat: list[float] = []
+    work, last = 0.0, start
+    ended = {"complete": 0, "stopped": 0}
+    reasons: dict[str, int] = {}
+    for _ in procs:
+        got_lat, got_work, got_ended, got_reasons, finished = out.get()
+        lat += got_lat
+        work += got_work
+        last = max(last, finished)
+        for key, n in got_ended.items():
+            ended[key] += n
+        for key, n in got_reasons.items():
+            reasons[key] = reasons.get(key, 0) + n
+    for p in procs:
+        p.join()
+    return {
+        "wall_seconds": last - start,
+        "work_seconds": work,
+        "latencies": lat,
+        "ended": ended,
+        "no_trial_reasons": reasons,
+        "last_completion": last,
+    }
+
+
+@contextmanager
+def _database(kind: str, tmp: Path, name: str, admin: str) -> Iterator[str]:
+    """A fresh database URL of the kind (SQLite file in WAL mode, or a new PostgreSQL
+    database, dropped afterwards)."""
+    if kind == "sqlite":
+        path = tmp / f"{name}.db"
+        _wal(path)
+        yield f"sqlite:///{path}"
+        return
+    import sqlalchemy
+
+    db = f"bench_{name}_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(f"{admin}/test", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{db}"')
+    try:
+        yield f"{admin}/{db}"
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        engine.dispose()
+
+
+def _mlflow_runs_ended(tracking: str) -> tuple[int, int]:
+    """(trial runs, of which ended) in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs, ended, token = 0, 0, None
+    while True:
+        page = client.search_runs(
+            exps, "tags.`stagetune.kind` = 'trial'", max_results=50_000, page_token=token
+        )
+        runs += len(page)
+        ended += sum(r.info.end_time is not None for r in page)
+        token = page.token
+        if not token:
+            return runs, ended
+
+
+def arm_stagetune(
+    kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str
+) -> dict[str, Any]:
+    from stagetune.contract.client import StudyClient
+    from stagetune.contract.spec import BudgetSpec, FidelitySpec, load_spec_file
+    from stagetune.server.app import ServerSettings, make_server
+
+    spec = load_spec_file(ROOT / "configs" / "lora.yaml")
+    spec = dataclasses.replace(
+        spec,
+        name="bench",
+        budget=BudgetSpec(n, 0),
+        early_stopping="mo_asha",
+        fidelity=FidelitySpec(min_steps=RUNG, max_steps=FULL, reduction_factor=2),
+    )
+    with _database(kind, tmp, "st", admin) as storage, _database(kind, tmp, "ml", admin) as ml:
+        tracking = ml
+        settings = ServerSettings(port=0, data_dir=tmp, storage_url=storage, tracking_uri=tracking)
+        server = make_server(settings).start()
+        try:
+            with StudyClient(server.address) as sc:
+                sc.create_study(spec)
+            deadline = time.time() + minutes * 60
+            got = _run(_stagetune_worker, lambda i, ctx: (server.address, i, secs, deadline), k)
+            tracker = server.service.tracker
+            while tracker.backlog() > 0:
+                time.sleep(0.5)
+            got["mlflow_lag_seconds"] = time.perf_counter() - got["last_completion"]
+            got["mlflow_runs"], got["mlflow_runs_ended"] = _mlflow_runs_ended(tracking)
+            pool = server.service.policy.pool
+            got["sample_seconds"] = list(pool.sample_seconds)
+            got["pool_misses"] = pool.misses
+            return got
+        finally:
+            server.stop(5)
+
+
+def arm_optuna(
+    kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str, proxy: bool
+) -> dict[str, Any]:
+    import optuna
+    from optuna.storages._grpc.server import make_server
+
+    with _database(kind, tmp, "optuna", admin) as url:
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": _connect(url)})
+        optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
+        server = None
+        where: tuple[str, Any] = ("rdb", url)
+        if proxy:
+            port = free_port()
+            server = make_server(rdb, "127.0.0.1", port)
+            server.start()
+            where = ("proxy", port)
+        left = mp.get_context("spawn").Value("i", n)
+        deadline = time.time() + minutes * 60
+        try:
+            return _run(_optuna_worker, lambda i, c: (where, i, left, secs, deadline), k)
+        finally:
+            if server is not None:
+                server.stop(0)
+            rdb.remove_session()
+            rdb.engine.dispose()
+
+
+def _row(arm: str, n: int, k: int, got: dict[str, Any]) -> dict[str, Any]:
+    done = got["ended"]["complete"] + got["ended"]["stopped"]
+    ideal = got["work_seconds"] / k
+    q = _percentiles(got["latencies"])
+    row = {
+        "arm": arm,
+        "trials_asked": n,
+        "trials_done": done,
+        "capped": done < n,
+        "complete": got["ended"]["complete"],
+        "stopped": got["ended"]["stopped"],
+        "wall_seconds": got["wall_seconds"],
+        "ideal_seconds": ideal,
+        "overhead": got["wall_seconds"] / ideal - 1 if ideal else None,
+        "acquire_p50_ms": q[0],
+        "acquire_p99_ms": q[1],
+        "no_trial_reasons": got["no_trial_reasons"],
+    }
+    if "sample_seconds" in got:
+        s = _percentiles(got["sample_seconds"])
+        row |= {
+            "sample_p50_ms": s[0],
+            "sample_p99_ms": s[1],
+            "pool_misses": got["pool_misses"],
+            "mlflow_lag_seconds": got["mlflow_lag_seconds"],
+            "mlflow_runs": got["mlflow_runs"],
+            "mlflow_runs_ended": got["mlflow_runs_ended"],
+        }
+    return row
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"commit {record['commit']}, {record['machine']}, "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
+        f"{record['workers']} workers, trials of {record['trial_seconds']} s at full budget, "
+        f"cap {record['max_minutes']} min an arm",
+        "",
+        "| arm | trials done (stopped) | wall s | ideal s | overhead | acquire p50 / p99 ms "
+        "| sampling p50 / p99 ms | MLflow holds all, s after last |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["rows"]:
+        done = f"{r['trials_done']} ({r['stopped']})" + (" capped" if r["capped"] else "")
+        sample = (
+            f"{r['sample_p50_ms']:.0f} / {r['sample_p99_ms']:.0f}"
+            if "sample_p50_ms" in r
+            else "in ask"
+        )
+        mlflow = (
+            f"{r['mlflow_lag_seconds']:.0f} ({r['mlflow_runs_ended']}/{r['mlflow_runs']} runs)"
+            if "mlflow_lag_seconds" in r
+            else "no tracking"
+        )
+        lines.append(
+            f"| {r['arm']} | {done} | {r['wall_seconds']:.0f} | {r['ideal_seconds']:.0f} "
+            f"| {r['overhead']:+.1%} | {r['acquire_p50_ms']:.1f} / {r['acquire_p99_ms']:.1f} "
+            f"| {sample} | {mlflow} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--trials", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--trial-seconds", type=float, default=1.0)
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--max-minutes", type=float, default=25.0, help="cap on one arm")
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432")
+    args = parser.parse_args()
+    record: dict[str, Any] = {
+        **provenance(("optuna", "mlflow", "grpcio", "sqlalchemy")),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "workers": args.workers,
+        "trial_seconds": args.trial_seconds,
+        "max_minutes": args.max_minutes,
+        "rows": [],
+    }
+    for arm in args.arms:
+        system, kind = arm.split("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            common = (kind, Path(tmp), args.workers, args.trials, args.trial_seconds)
+            if system == "stagetune":
+                got = arm_stagetune(*common, args.max_minutes, args.postgres)
+            else:
+                proxy = system == "optuna-proxy"
+                got = arm_optuna(*common, args.max_minutes, args.postgres, proxy)
+        row = _row(arm, args.trials, args.workers, got)
+        record["rows"].append(row)
+        print({k: v for k, v in row.items()}, flush=True)
+    write_results("open_loop", record, _markdown(record))
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()
