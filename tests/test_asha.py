@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+from stagetune.objectives.catalog import Direction
+from stagetune.objectives.pareto import crowding_distance, dominates, non_dominated_ranks
 from stagetune.server.asha import rung_decision
 
 MIN2 = ["minimize", "minimize"]
@@ -40,3 +44,35 @@ def test_a_single_objective_is_plain_asha() -> None:
 def test_exact_ties_do_not_let_a_trial_jump_ahead_of_earlier_ones() -> None:
     d = rung_decision([1.0, 1.0], [[1.0, 1.0], [1.0, 1.0]], MIN2, reduction_factor=2)
     assert d.stop and d.position == 2
+
+
+def _reference(
+    own: list[float], others: list[list[float]], directions: list[Direction]
+) -> tuple[int, tuple[int, ...]]:
+    """MO-ASHA written out from its definition: sort every vector, front by front, each front
+    by crowding distance (wider first, ties in input order), and find the trial's place."""
+    points = [*others, own]
+    ranks = non_dominated_ranks(points, directions)
+    order: list[int] = []
+    for front in sorted(set(ranks)):
+        members = [i for i, r in enumerate(ranks) if r == front]
+        spread = crowding_distance([points[i] for i in members], directions)
+        order += [m for _, m in sorted(zip(spread, members, strict=True), key=lambda p: -p[0])]
+    beaten = tuple(i for i, p in enumerate(others) if dominates(p, own, directions))
+    return order.index(len(others)), beaten
+
+
+def test_the_decision_matches_the_definition_on_random_rungs_with_ties() -> None:
+    rng = random.Random(5)
+    for case in range(300):
+        m = rng.choice([1, 2, 3])
+        directions: list[Direction] = [rng.choice(["minimize", "maximize"]) for _ in range(m)]
+        # A coarse grid makes ties and equal points common.
+        others = [[float(rng.randint(0, 6)) for _ in range(m)] for _ in range(rng.randint(0, 40))]
+        own = [float(rng.randint(0, 6)) for _ in range(m)]
+        d = rung_decision(own, others, directions, reduction_factor=3)
+        position, beaten = _reference(own, others, directions)
+        assert d.dominated_by == beaten, case
+        if d.n >= 3:
+            assert d.position == position, case
+            assert d.stop == (position >= d.keep), case

@@ -84,6 +84,17 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[Direc
     return bool(np.all(va <= vb) and np.any(va < vb))
 
 
+def dominated_by(
+    point: Sequence[float], points: Points, directions: Sequence[Direction]
+) -> list[int]:
+    """Indices of the ``points`` that Pareto-dominate ``point`` (``dominates`` over all of
+    them at once)."""
+    arr = _as_min_matrix(points, directions)
+    vec = _as_min_vector(point, _signs(directions), "point")
+    mask = np.all(arr <= vec, axis=1) & np.any(arr < vec, axis=1)
+    return [int(i) for i in np.flatnonzero(mask)]
+
+
 def non_dominated_ranks(points: Points, directions: Sequence[Direction]) -> list[int]:
     """1-based non-dominated sorting rank of each point (1 = the Pareto front).
 
