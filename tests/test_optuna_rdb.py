@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -190,6 +191,17 @@ def test_each_read_agrees_with_optunas_public_reads(storage: RDBStorage, study: 
         (a, "st_rung_8", {"metrics": {"x": 1}}),
         (b, "st_infeasible", "oom"),
     ]
+    keys = ["st_rung_8", "st_infeasible"]
+    assert rdb.count_trial_attrs(storage, study, keys) == 2
+    rows = sorted(rdb.trial_attrs_after(storage, study, keys, 0))
+    assert [r[1:] for r in rows] == [
+        (a, "st_rung_8", {"metrics": {"x": 1}}),
+        (b, "st_infeasible", "oom"),
+    ]
+    assert rdb.trial_attrs_after(storage, study, keys, rows[-1][0]) == []  # nothing newer
+    assert [r[1:] for r in rdb.trial_attrs_after(storage, study, keys, rows[0][0])] == [
+        (b, "st_infeasible", "oom")
+    ]
     assert rdb.complete_values(storage, study) == {
         t._trial_id: tuple(t.values) for t in trials if t.state == TrialState.COMPLETE
     }
@@ -309,3 +321,52 @@ def test_no_other_server_module_reaches_optunas_internals() -> None:
             ):
                 found.append(f"{path.name}:{node.lineno} uses .{node.attr}")
     assert not found, found
+
+
+def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
+    storage_url: str, lora_spec: StudySpec
+) -> None:
+    """MO-ASHA's rung reads are incremental (rows newer than the last read): a report or an
+    infeasible mark from another replica is seen, and so is a row committed with a lower
+    row id than one already read (two writers' transactions ending out of order)."""
+    from stagetune.server import attributes as at
+    from stagetune.server.records import TrialLease
+    from stagetune.server.storage import StudyStore
+
+    here, there = StudyStore(storage_url), StudyStore(storage_url)
+    try:
+        here.create_study(lora_spec)
+        params = {"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+        lease = TrialLease("w", time.time() + 600)
+        ids = [here.create_running_trial(lora_spec, params, lease).trial_id for _ in range(4)]
+        ua = models.TrialUserAttributeModel.__table__
+        # A row id that a slow transaction took early and committed late: the row stands
+        # in for it until then, below every rung row written after it.
+        rdb.set_trial_attrs(there.optuna_storage, ids[3], {"st_placeholder": 1})
+        with there.optuna_storage.engine.connect() as conn:
+            late_id = conn.execute(
+                sqlalchemy.select(ua.c.trial_user_attribute_id).where(ua.c.key == "st_placeholder")
+            ).scalar_one()
+        here.record_rung(ids[0], 8, {"eval_loss": 1.0})
+        assert here.rung_metrics(lora_spec.name, 8) == [(ids[0], {"eval_loss": 1.0})]
+        there.record_rung(ids[1], 8, {"eval_loss": 2.0})
+        rdb.set_trial_attrs(there.optuna_storage, ids[0], {at.INFEASIBLE: "oom"})
+        assert here.rung_metrics(lora_spec.name, 8) == [(ids[1], {"eval_loss": 2.0})]
+        value = json.dumps(at.rung_value({"eval_loss": 3.0}, datetime.now(UTC)))
+        with there.optuna_storage.engine.begin() as conn:
+            conn.execute(ua.delete().where(ua.c.trial_user_attribute_id == late_id))
+            conn.execute(
+                ua.insert().values(
+                    trial_user_attribute_id=late_id,
+                    trial_id=ids[2],
+                    key=at.rung_key(8),
+                    value_json=value,
+                )
+            )
+        assert here.rung_metrics(lora_spec.name, 8) == [
+            (ids[1], {"eval_loss": 2.0}),
+            (ids[2], {"eval_loss": 3.0}),
+        ]
+    finally:
+        for store in (here, there):
+            store.optuna_storage.engine.dispose()

@@ -60,6 +60,8 @@ __all__ = [
     "count_in_state",
     "running_trial_with_attr",
     "trial_attrs_in_study",
+    "trial_attrs_after",
+    "count_trial_attrs",
     "trials_with_attr",
     "complete_values",
     "trial_attr",
@@ -186,7 +188,7 @@ INTERNALS: tuple[Internal, ...] = (
     _columns("TrialParamModel", "trial_id", "param_name", "param_value", "distribution_json"),
     _columns("TrialValueModel", "trial_id", "objective", "value", "value_type"),
     _columns("StudyUserAttributeModel", "study_id", "key", "value_json"),
-    _columns("TrialUserAttributeModel", "trial_id", "key", "value_json"),
+    _columns("TrialUserAttributeModel", "trial_user_attribute_id", "trial_id", "key", "value_json"),
     _columns("TrialSystemAttributeModel", "trial_id", "key", "value_json"),
     _attribute("RDBStorage", "engine", lambda storage: storage),
     _attribute("RDBStorage", "scoped_session", lambda storage: storage),
@@ -376,6 +378,34 @@ def trial_attrs_in_study(
     )
     with storage.engine.connect() as conn:
         return [(int(i), str(k), json.loads(v)) for i, k, v in conn.execute(query)]
+
+
+def trial_attrs_after(
+    storage: RDBStorage, study: int, keys: Collection[str], after: int
+) -> list[tuple[int, int, str, Any]]:
+    """(row id, trial id, key, value) of the study's user attributes among ``keys`` whose
+    row id is above ``after``: what was added since a read that ended at ``after``."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(ua.trial_user_attribute_id, ua.trial_id, ua.key, ua.value_json)
+        .join(t, t.trial_id == ua.trial_id)
+        .where(t.study_id == study, ua.key.in_(list(keys)), ua.trial_user_attribute_id > after)
+    )
+    with storage.engine.connect() as conn:
+        return [(int(a), int(i), str(k), json.loads(v)) for a, i, k, v in conn.execute(query)]
+
+
+def count_trial_attrs(storage: RDBStorage, study: int, keys: Collection[str]) -> int:
+    """How many user attributes among ``keys`` the study's trials have."""
+    t, ua = models.TrialModel, models.TrialUserAttributeModel
+    query = (
+        sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(ua)
+        .join(t, t.trial_id == ua.trial_id)
+        .where(t.study_id == study, ua.key.in_(list(keys)))
+    )
+    with storage.engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def trials_with_attr(storage: RDBStorage, study: int, key: str) -> set[int]:

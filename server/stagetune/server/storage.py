@@ -106,6 +106,8 @@ class StudyStore(TrialStore):
         self._specs: dict[str, StudySpec] = {}  # parsed spec by its JSON: specs never change
         self._ids: dict[str, int] = {}  # study id by name: studies are never renamed
         self._trial_study: dict[int, str] = {}  # study name by trial id
+        self._rungs = {}
+        self._rungs_lock = threading.Lock()
         self.postgres = url.startswith("postgresql")
 
     # ------------------------------------------------------------ studies
