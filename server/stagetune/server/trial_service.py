@@ -443,16 +443,19 @@ class TrialService:
         the study's retry limit). Returns the ids of the reaped trials."""
         now = self._clock()
         reaped: list[int] = []
-        for study in self.store.list_studies():
-            for t in self.store.trials(study.spec.name, ["running"]):
+        # Heads, not records: a record counts every trial, and this runs every few seconds.
+        for head, _ in self.store.study_heads():
+            name = head.spec.name
+            for t in self.store.trials(name, ["running"]):
                 if t.lease_expires is None or t.lease_expires.timestamp() > now:
                     continue
-                with self._lock(study.spec.name):
+                with self._lock(name):
                     current = self.store.trial(t.trial_id)
                     if current.state != "running" or (
                         current.lease_expires and current.lease_expires.timestamp() > now
                     ):
                         continue
+                    study = self.store.study_head(name)
                     silent = f"lease expired: worker {current.worker_id!r} went silent"
                     self._fail_locked(study, current, silent, requeue=True)
                     reaped.append(t.trial_id)
