@@ -98,3 +98,36 @@ def test_a_stopped_trial_run_says_why(
     assert stopped[0].info.status == "KILLED"
     assert stopped[0].data.tags["reason"].startswith("stopped at rung 8")
     assert stopped[0].data.metrics["eval_loss"] == 3.0
+
+
+def test_a_burst_of_completions_rewrites_the_front_once_and_flush_writes_the_last(
+    tracked_server: StagetuneServer, lora_spec: StudySpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At thousands of trials every rank tag rewrite is thousands of MLflow writes: the
+    front is rewritten at most once per interval, and the rewrite carries every change."""
+    tracker = tracked_server.tracker
+    monkeypatch.setattr(tracker, "_front_interval", 3600.0)
+    writes: list[str] = []
+    write_front = tracker._write_front  # type: ignore[attr-defined]
+
+    def counted(spec: StudySpec, load: object) -> None:
+        writes.append(spec.name)
+        write_front(spec, load)
+
+    monkeypatch.setattr(tracker, "_write_front", counted)
+    with StudyClient(tracked_server.address) as sc, WorkerClient(tracked_server.address) as wc:
+        sc.create_study(lora_spec)
+        ids = []
+        for i in range(5):  # each one dominates every earlier one
+            a = wc.acquire("w1")
+            wc.complete(a.trial.trial_id, "w1", objective_metrics(5.0 - i, 5.0 - i, 100.0 - i))
+            ids.append(a.trial.trial_id)
+            if i == 0:
+                tracker.flush()  # the first front is written at once
+    assert writes == [lora_spec.name]  # the other four wait for the interval
+    _, _, children = _runs(tracked_server)  # flushes: the waiting rewrite is written now
+    assert writes == [lora_spec.name] * 2
+    by_trial = {int(r.data.tags["stagetune.trial_id"]): r.data.tags for r in children}
+    assert [by_trial[i]["pareto_rank"] for i in ids] == ["5", "4", "3", "2", "1"]
+    assert [by_trial[i]["pareto_front"] for i in ids] == ["false"] * 4 + ["true"]
+    assert tracker.backlog() == 0

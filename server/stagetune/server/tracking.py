@@ -191,7 +191,12 @@ class MlflowTracker:
         *,
         artifact_root: Path | None = None,
         sync_timeout: float = 5.0,
+        front_interval: float = 10.0,
     ) -> None:
+        """``front_interval``: the least seconds between two rewrites of a study's front
+        (every trial's rank tags, the CSV and the plot); the hypervolume is logged at every
+        completion. A rewrite due sooner waits, and the one after it carries every change
+        made meanwhile; ``flush`` and ``close`` write it at once."""
         from mlflow.tracking import MlflowClient
 
         for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every fresh store
@@ -214,6 +219,10 @@ class MlflowTracker:
         # burst of completions costs one plot, not one per completion.
         self._pending_fronts: dict[str, int] = {}
         self._pending_lock = threading.Lock()
+        self._front_interval = front_interval
+        self._front_written: dict[str, float] = {}  # study -> monotonic time of last rewrite
+        # Rewrites waiting for their interval, by study: the timer and what it will write.
+        self._deferred: dict[str, tuple[threading.Timer, StudySpec, Callable[[], Any]]] = {}
         self._backlog = 0  # events submitted and not yet done, under _pending_lock
         self.errors = 0
 
@@ -301,6 +310,13 @@ class MlflowTracker:
         return default if result is None else result
 
     def flush(self, timeout: float = 30.0) -> None:
+        """Write everything sent so far: the queued events (which may leave a front
+        rewrite waiting for its interval), then every waiting rewrite."""
+        self._submit(lambda: None).result(timeout=timeout)
+        with self._pending_lock:
+            waiting = list(self._deferred)
+        for name in waiting:
+            self._release_front(name)
         self._submit(lambda: None).result(timeout=timeout)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -469,6 +485,44 @@ class MlflowTracker:
         self._client.log_metric(parent, "hypervolume", hypervolume, step=n_complete)
         if superseded:  # a later update follows: read the trials and draw the front once
             return
+        wait = self._front_interval - (
+            time.monotonic() - self._front_written.get(spec.name, -math.inf)
+        )
+        if wait > 0:
+            self._defer_front(spec, load_trials, wait)
+            return
+        self._write_front(spec, load_trials)
+
+    def _defer_front(
+        self, spec: StudySpec, load_trials: Callable[[], list[TrialRecord]], wait: float
+    ) -> None:
+        """Write the front after ``wait`` seconds (once, whatever happens meanwhile: it
+        reads the trials when it runs). Counted in the backlog until written."""
+        with self._pending_lock:
+            if spec.name in self._deferred:  # already waiting: it writes the newest view
+                timer, _, _ = self._deferred[spec.name]
+                self._deferred[spec.name] = (timer, spec, load_trials)
+                return
+            timer = threading.Timer(wait, self._release_front, args=(spec.name,))
+            timer.daemon = True
+            self._deferred[spec.name] = (timer, spec, load_trials)
+            self._backlog += 1
+        timer.start()
+
+    def _release_front(self, name: str) -> None:
+        with self._pending_lock:
+            entry = self._deferred.pop(name, None)
+        if entry is None:  # released already (by flush, or by the timer)
+            return
+        timer, spec, load_trials = entry
+        timer.cancel()
+        self._submit(self._write_front, spec, load_trials)
+        self._count(-1)  # the deferred write's count passed on to its submission
+
+    def _write_front(self, spec: StudySpec, load_trials: Callable[[], list[TrialRecord]]) -> None:
+        """Every trial's rank tags that changed, then the front's CSV and plot."""
+        self._front_written[spec.name] = time.monotonic()
+        _, parent = self._parent(spec)
         trials = load_trials()
         for t in trials:
             run_id = self._child(spec, t)
