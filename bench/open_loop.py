@@ -5,10 +5,10 @@ Ray Tune's docs report 10,000 trials of 1 s on one 16-CPU node in 715 s against 
 run, each arm with a fresh database:
 
   stagetune/sqlite      16 workers -> stagetune server -> SQLite (WAL), MLflow on (SQLite)
-  stagetune/postgresql  the same on PostgreSQL (Optuna storage and MLflow store)
   optuna-rdb/sqlite     16 workers sample locally -> SQLite (WAL) directly
-  optuna-rdb/postgresql the same on PostgreSQL
+  stagetune/postgresql  the same as stagetune/sqlite on PostgreSQL (storage and MLflow)
   optuna-proxy/sqlite   16 workers -> Optuna's GrpcStorageProxy -> SQLite (WAL)
+  optuna-rdb/postgresql the same as optuna-rdb/sqlite on PostgreSQL
 
 Every arm: multi-objective TPE (multivariate, constant liar) on 3 objectives over the
 same 4-parameter space. A trial "runs" 1 s at full budget, sleeping, with one rung at half
@@ -22,9 +22,12 @@ on for stagetune's arms and absent from Optuna's (it has none built in).
 Overhead = wall / (work / workers) - 1, where work is the seconds the trials actually
 slept (10,000 s when no trial stops; Ray Tune's formula). Also reported: acquire (ask)
 latency p50/p99, stagetune's sampling time per suggestion (done ahead of acquire), and how
-long after the last completion MLflow holds every trial (the tracker's backlog drained,
-then every trial's run counted as ended). An arm that passes --max-minutes is stopped and
-reported on the trials it finished, saying so.
+long after the last completion MLflow holds every trial (every trial's run ended, counted
+in the tracking database), and after how long the tracker has nothing left (the front's
+last rewrite, which waits up to the tracker's 10-s front interval); at most 15 minutes of
+waiting. An arm that passes --max-minutes is stopped and reported on the trials it
+finished, saying so. Results are written after every arm, so a run cut short keeps the
+arms it finished.
 
     .venv/bin/python bench/open_loop.py                       # ~1 h on a 2-core CPU
     .venv/bin/python bench/open_loop.py --trials 500 --arms stagetune/sqlite   # a quick look
@@ -58,10 +61,10 @@ from stagetune.trainer.assignment import free_port
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = [
     "stagetune/sqlite",
-    "stagetune/postgresql",
     "optuna-rdb/sqlite",
-    "optuna-rdb/postgresql",
+    "stagetune/postgresql",
     "optuna-proxy/sqlite",
+    "optuna-rdb/postgresql",
 ]
 RUNG, FULL = 2, 4  # steps: one rung at half the trial, then the end
 
@@ -224,6 +227,25 @@ def _database(kind: str, tmp: Path, name: str, admin: str) -> Iterator[str]:
         engine.dispose()
 
 
+def _ended_runs(tracking: str) -> int:
+    """Trial runs that have ended, counted in the tracking database itself (a search
+    through MLflow's client would load 10,000 runs every poll)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(tracking)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                    "WHERE t.key = 'stagetune.kind' AND t.value = 'trial' "
+                    "AND r.end_time IS NOT NULL"
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
 def _mlflow_runs_ended(tracking: str) -> tuple[int, int]:
     """(trial runs, of which ended) in the store."""
     from mlflow.tracking import MlflowClient
@@ -267,9 +289,17 @@ def arm_stagetune(
             deadline = time.time() + minutes * 60
             got = _run(_stagetune_worker, lambda i, ctx: (server.address, i, secs, deadline), k)
             tracker = server.service.tracker
-            while tracker.backlog() > 0:
+            done = got["ended"]["complete"] + got["ended"]["stopped"]
+            until = time.perf_counter() + 15 * 60
+            while _ended_runs(tracking) < done and time.perf_counter() < until:
                 time.sleep(0.5)
+            # Every trial's run ended, its final metrics and tags written.
             got["mlflow_lag_seconds"] = time.perf_counter() - got["last_completion"]
+            while tracker.backlog() > 0 and time.perf_counter() < until:
+                time.sleep(0.5)
+            # Then the rest: the front's last rewrite (rank tags, CSV, plot).
+            got["mlflow_drain_seconds"] = time.perf_counter() - got["last_completion"]
+            got["mlflow_backlog_left"] = tracker.backlog()  # 0 unless 15 min did not drain it
             got["mlflow_runs"], got["mlflow_runs_ended"] = _mlflow_runs_ended(tracking)
             pool = server.service.policy.pool
             got["sample_seconds"] = list(pool.sample_seconds)
@@ -333,6 +363,8 @@ def _row(arm: str, n: int, k: int, got: dict[str, Any]) -> dict[str, Any]:
             "mlflow_lag_seconds": got["mlflow_lag_seconds"],
             "mlflow_runs": got["mlflow_runs"],
             "mlflow_runs_ended": got["mlflow_runs_ended"],
+            "mlflow_drain_seconds": got["mlflow_drain_seconds"],
+            "mlflow_backlog_left": got["mlflow_backlog_left"],
         }
     return row
 
@@ -355,11 +387,14 @@ def _markdown(record: dict[str, Any]) -> str:
             if "sample_p50_ms" in r
             else "in ask"
         )
-        mlflow = (
-            f"{r['mlflow_lag_seconds']:.0f} ({r['mlflow_runs_ended']}/{r['mlflow_runs']} runs)"
-            if "mlflow_lag_seconds" in r
-            else "no tracking"
-        )
+        mlflow = "no tracking"
+        if "mlflow_lag_seconds" in r:
+            left = r.get("mlflow_backlog_left", 0)
+            mlflow = (
+                f"{r['mlflow_lag_seconds']:.0f} ({r['mlflow_runs_ended']}/{r['mlflow_runs']} "
+                f"runs ended); front {'> ' if left else ''}{r['mlflow_drain_seconds']:.0f}"
+                + (f", {left} events left" if left else "")
+            )
         lines.append(
             f"| {r['arm']} | {done} | {r['wall_seconds']:.0f} | {r['ideal_seconds']:.0f} "
             f"| {r['overhead']:+.1%} | {r['acquire_p50_ms']:.1f} / {r['acquire_p99_ms']:.1f} "
@@ -399,7 +434,7 @@ def main() -> None:
         row = _row(arm, args.trials, args.workers, got)
         record["rows"].append(row)
         print({k: v for k, v in row.items()}, flush=True)
-    write_results("open_loop", record, _markdown(record))
+        write_results("open_loop", record, _markdown(record))  # after every arm
 
 
 if __name__ == "__main__":
