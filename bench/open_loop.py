@@ -54,7 +54,15 @@ from pathlib import Path
 from typing import Any
 
 from results_file import provenance, write_results
-from service_throughput import DIRECTIONS, _percentiles, _search_space, _values, _wal
+from service_throughput import (
+    DIRECTIONS,
+    _percentiles,
+    _search_space,
+    _values,
+    _wal,
+    load_optuna_study,
+    start_workers,
+)
 
 from stagetune.trainer.assignment import free_port
 
@@ -121,21 +129,9 @@ def _optuna_worker(
     ready: Any,
     out: Any,
 ) -> None:
-    import warnings
-
-    import optuna
     from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    kind, where = spec
-    storage: Any
-    if kind == "proxy":
-        storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
-    else:
-        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": _connect(where)})
-    sampler = optuna.samplers.TPESampler(seed=wid, multivariate=True, constant_liar=True)
-    study = optuna.load_study(study_name="bench", storage=storage, sampler=sampler)
+    study = load_optuna_study(spec, "bench", wid)
     rng, coin = random.Random(wid), random.Random(10_000 + wid)
     lat: list[float] = []
     work = 0.0
@@ -171,14 +167,7 @@ def _connect(url: str) -> dict[str, Any]:
 
 def _run(target: Any, args_of: Any, k: int) -> dict[str, Any]:
     """k worker processes; the clock starts once every one is connected."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    ready = ctx.Barrier(k + 1)
-    procs = [ctx.Process(target=target, args=(*args_of(i, ctx), ready, out)) for i in range(k)]
-    for p in procs:
-        p.start()
-    ready.wait()
-    start = time.perf_counter()
+    procs, out, start = start_workers(target, args_of, k)
     lat: list[float] = []
     work, last = 0.0, start
     ended = {"complete": 0, "stopped": 0}

@@ -77,15 +77,10 @@ def _stagetune_worker(
     out.put(lat)
 
 
-def _optuna_worker(
-    storage_spec: tuple[str, Any],
-    study: str,
-    wid: int,
-    left: Any,
-    trial_seconds: float,
-    ready: Any,
-    out: Any,
-) -> None:
+def load_optuna_study(storage_spec: tuple[str, Any], study: str, wid: int) -> Any:
+    """A worker's own handle on the Optuna study: on the database directly (``("rdb",
+    url)``) or through the gRPC proxy (``("proxy", port)``), with its own TPE sampler
+    (multivariate, constant liar), seeded by the worker's index."""
     import warnings
 
     import optuna
@@ -97,9 +92,22 @@ def _optuna_worker(
     if kind == "proxy":
         storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
     else:
-        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": {"timeout": 60}})
+        connect = {"timeout": 60} if where.startswith("sqlite") else {}
+        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": connect})
     sampler = optuna.samplers.TPESampler(seed=wid, multivariate=True, constant_liar=True)
-    s = optuna.load_study(study_name=study, storage=storage, sampler=sampler)
+    return optuna.load_study(study_name=study, storage=storage, sampler=sampler)
+
+
+def _optuna_worker(
+    storage_spec: tuple[str, Any],
+    study: str,
+    wid: int,
+    left: Any,
+    trial_seconds: float,
+    ready: Any,
+    out: Any,
+) -> None:
+    s = load_optuna_study(storage_spec, study, wid)
     rng = random.Random(wid)
     lat: list[float] = []
     space = _search_space()
@@ -117,9 +125,10 @@ def _optuna_worker(
     out.put(lat)
 
 
-def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]:
-    """Start k worker processes, wait until all are connected, then time the work only
-    (process start-up and imports are not the service's cost)."""
+def start_workers(target: Any, args_of: Any, k: int) -> tuple[list[Any], Any, float]:
+    """Start k worker processes (``target(*args_of(i, ctx), ready, out)``) and wait until
+    every one is connected; returns them, the queue they report on, and when the clock
+    starts (process start-up and imports are not the service's cost)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     ready = ctx.Barrier(k + 1)
@@ -127,7 +136,12 @@ def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]
     for p in procs:
         p.start()
     ready.wait()
-    start = time.perf_counter()
+    return procs, out, time.perf_counter()
+
+
+def _run_workers(target: Any, args_of: Any, k: int) -> tuple[float, list[float]]:
+    """k workers' wall time and acquire latencies, timing the work only."""
+    procs, out, start = start_workers(target, args_of, k)
     lat: list[float] = []
     for _ in procs:
         lat += out.get()
