@@ -6,20 +6,26 @@ final metrics from the table and costs what the recorded run cost up to where it
 Per stage (the study settings of ``configs/<stage>.yaml``: objectives, search space,
 fidelity rungs and reduction factor), five methods, each over ``--seeds`` seeds:
 
-  stagetune      MO-ASHA (server/asha.py ``rung_decision``, applied at each rung below the
-                 last as ``server/policy.py::OptunaPolicy.decide`` applies it: on the study's
-                 objectives the rung report carries, against every earlier trial that reported
-                 at that rung) + the server's multi-objective TPE (``make_sampler``), told
-                 PRUNED for stopped trials and the final values for completed ones;
-  motpe          the same TPE sampler, every trial at full budget;
+  stagetune      the server itself, minus gRPC: its StudyService and TrialService over a
+                 SQLite store, with the Optuna policy (the suggestion pool sampling the
+                 study's MO-TPE ahead on its own thread, MO-ASHA at every rung below the
+                 last, on the objectives the rung report carries), called as a worker calls
+                 it (acquire, report_progress at each rung, complete or fail);
+  motpe          the server's TPE sampler (``make_sampler``), every trial at full budget;
   nsga2          the server's NSGA-II sampler, full budget;
   random         random search, full budget;
-  asha_weighted  single-objective TPE on the mean of the objectives min-max normalised over
+  asha_weighted  TPE (constant liar) on the mean of the objectives min-max normalised over
                  the table, with Optuna's SuccessiveHalvingPruner (same first rung and
                  reduction factor), reported at the same rungs (on the objectives a rung
                  carries).
 
-Simulated time is sequential (one worker): each trial sees every earlier trial's outcome.
+Simulated time, asynchronous: every method has ``--workers`` workers (4, as a deployed
+study has several); a trial's clock is its recorded device-seconds, so a rung report
+arrives when the recorded run reached that rung, and a worker asks for its next trial as
+soon as its last one ends or is stopped. The Optuna methods ask and tell in that order;
+running trials are pending (TPE's constant liar counts them). The server's pool samples
+ahead on its own thread, as deployed, so its replays are not bit-for-bit repeatable.
+
 Sampled configurations are mapped to the nearest recorded one (L1 over parameters scaled to
 [0, 1], log scale where the spec is log; a categorical mismatch counts 1); the sft and dpo
 tables hold their whole grid, so there it is only rounding to the grid.
@@ -30,7 +36,8 @@ each trial's fixed costs (model loading, data preparation, final latency measure
 these tiny models most of a trial); and ``steps``, training steps run, the cost model of real
 runs where training dominates. Every method gets the same budget in both units: what
 ``--trials`` full-budget trials cost (``--trials`` times the table's mean full-run
-device-seconds; ``--trials`` times the last rung's steps); a run goes on until both are spent.
+device-seconds; ``--trials`` times the last rung's steps); trials are handed out until both
+are spent, and the ones running then finish and count (for every method alike).
 
 Hypervolume: ``objectives.pareto.hypervolume`` over the final objective vectors of completed
 trials, with one reference per stage (the table's nadir plus 10% of its ideal-nadir range),
@@ -47,6 +54,7 @@ writes bench/results/search_efficiency.md and bench/results/search_efficiency.pn
 from __future__ import annotations
 
 import argparse
+import heapq
 import math
 import multiprocessing as mp
 import os
@@ -55,7 +63,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +87,6 @@ from stagetune.contract.spec import (  # noqa: E402
 )
 from stagetune.objectives.catalog import Direction  # noqa: E402
 from stagetune.objectives.pareto import hypervolume  # noqa: E402
-from stagetune.server.asha import rung_decision  # noqa: E402
 from stagetune.server.attributes import distributions_of  # noqa: E402
 from stagetune.server.optuna_policy import make_sampler  # noqa: E402
 
@@ -199,7 +206,7 @@ def _study(table: Table, method: str, seed: int, trials: int) -> optuna.Study:
     if method == "asha_weighted":
         first, *_ = spec.fidelity.rungs()
         return optuna.create_study(
-            sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
+            sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True),
             pruner=optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=first, reduction_factor=int(spec.fidelity.reduction_factor)
             ),
@@ -209,65 +216,183 @@ def _study(table: Table, method: str, seed: int, trials: int) -> optuna.Study:
     return optuna.create_study(sampler=sampler, directions=list(spec.directions))
 
 
-def replay(table: Table, method: str, seed: int, trials: int) -> Trace:
-    """Run one method with one seed until the budget is spent in every unit."""
+class _Optuna:
+    """An Optuna method in the replay: ask, report at rungs (weighted-sum ASHA only), tell."""
+
+    def __init__(self, table: Table, method: str, seed: int, trials: int) -> None:
+        self.table, self.method = table, method
+        self.study = _study(table, method, seed, trials)
+        self.dists: dict[str, BaseDistribution] = distributions_of(table.spec)
+        finals = np.array([r.final for r in table.rows if r.final is not None])
+        self.lo, self.hi = finals.min(axis=0), finals.max(axis=0)
+
+    def start(self, worker: int) -> tuple[Any, dict[str, Any]]:
+        trial = self.study.ask(fixed_distributions=self.dists)
+        return trial, trial.params
+
+    def rung(self, trial: Any, step: int, metrics: dict[str, float]) -> bool:
+        if self.method != "asha_weighted":
+            return False
+        trial.report(_weighted(self.table, metrics, self.lo, self.hi), step)
+        return bool(trial.should_prune())
+
+    def end(self, trial: Any, row: Row, stopped: bool) -> None:
+        if stopped:
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif row.final is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif self.method == "asha_weighted":
+            final = dict(zip(self.table.spec.metric_names, row.final, strict=True))
+            self.study.tell(trial, _weighted(self.table, final, self.lo, self.hi))
+        else:
+            self.study.tell(trial, list(row.final))
+
+    def close(self) -> None:
+        pass
+
+
+class _Server:
+    """stagetune as deployed, minus gRPC: the server's own services in this process (a
+    SQLite store, the Optuna policy with its suggestion pool and MO-ASHA), called as the
+    worker calls them (acquire, a rung report at each rung, complete or fail). The
+    sampler is the study's MO-TPE with the seed; the pool samples ahead on its own thread
+    as in the server, so a replay is not bit-for-bit repeatable."""
+
+    def __init__(self, table: Table, seed: int, trials: int) -> None:
+        import tempfile
+
+        from stagetune.server.optuna_policy import OptunaPolicy
+        from stagetune.server.service import StudyService
+        from stagetune.server.storage import StudyStore
+        from stagetune.server.trial_service import TrialService
+
+        self._tmp = tempfile.TemporaryDirectory()
+        self.spec = replace(
+            table.spec,
+            name=f"race-{seed}",
+            sampler=SamplerConfig(kind="tpe", seed=seed),
+            # A budget in trials would end a study whose stopped trials cost little: the
+            # replay spends compute instead. MO-TPE's start-up trials (a third of the
+            # budget, at most 10) are the same 10 as motpe's.
+            budget=BudgetSpec(max_trials=100 * trials, max_retries=0),
+            early_stopping="mo_asha",
+        )
+        self.store = StudyStore(f"sqlite:///{self._tmp.name}/race.db")
+        self.studies = StudyService(self.store, OptunaPolicy(self.store))
+        self.service = TrialService(self.studies)
+        self.studies.create_study(self.spec)
+
+    def start(self, worker: int) -> tuple[Any, dict[str, Any]]:
+        from stagetune.server.trial_service import Acquired
+
+        got = self.service.acquire(f"w{worker}", self.spec.name)
+        if not isinstance(got, Acquired):
+            raise RuntimeError(f"the server handed out no trial: {got.reason}")
+        return (got.trial.trial_id, f"w{worker}"), dict(got.trial.params)
+
+    def rung(self, handle: tuple[int, str], step: int, metrics: dict[str, float]) -> bool:
+        trial_id, worker = handle
+        stop, _, _ = self.service.report_progress(trial_id, worker, step, metrics)
+        return stop
+
+    def end(self, handle: tuple[int, str], row: Row, stopped: bool) -> None:
+        trial_id, worker = handle
+        if stopped:
+            return  # the server stopped it when it said so
+        if row.final is None:
+            self.service.fail(trial_id, worker, "crash", "the recorded run failed")
+        else:
+            final = dict(zip(self.spec.metric_names, row.final, strict=True))
+            self.service.complete(trial_id, worker, final)
+
+    def close(self) -> None:
+        self.studies.close()
+        self.store.optuna_storage.engine.dispose()
+        self._tmp.cleanup()
+
+
+@dataclass(order=True)
+class _Running:
+    """A trial in flight in simulated time: its next event is at ``due``."""
+
+    due: float
+    seq: int
+    worker: int = field(compare=False)
+    handle: Any = field(compare=False)
+    row: Row = field(compare=False)
+    started: float = field(compare=False)
+    steps: list[int] = field(compare=False)  # rungs still to report, in order
+
+
+def replay(table: Table, method: str, seed: int, trials: int, workers: int = 4) -> Trace:
+    """Run one method with one seed on ``workers`` asynchronous workers in simulated time
+    (a trial's clock is its recorded device-seconds), handing out trials until the budget
+    is spent in every unit; trials already running then finish and count."""
     spec = table.spec
-    study = _study(table, method, seed, trials)
-    dists: dict[str, BaseDistribution] = distributions_of(spec)
-    rungs = spec.fidelity.rungs()
-    finals = np.array([r.final for r in table.rows if r.final is not None])
-    lo, hi = finals.min(axis=0), finals.max(axis=0)
-    at_rung: dict[int, list[dict[str, float]]] = {step: [] for step in rungs[:-1]}
+    searcher: Any = (
+        _Server(table, seed, trials)
+        if method == "stagetune"
+        else (_Optuna(table, method, seed, trials))
+    )
+    last = spec.fidelity.rungs()[-1]
     done: list[tuple[float, ...]] = []
     trace = Trace({u: [0.0] for u in UNITS}, [0.0])
     spent = dict.fromkeys(UNITS, 0.0)
-    while any(spent[u] < table.budget[u] for u in UNITS):
-        trial = study.ask(fixed_distributions=dists)
-        row = table.nearest(trial.params)
-        stop_at: int | None = None
-        for step in rungs[:-1] if method in ("stagetune", "asha_weighted") else []:
-            metrics = row.rungs.get(step)
-            if metrics is None:  # the recorded run failed before this rung
-                break
-            if method == "stagetune":
-                names = [o.metric for o in spec.objectives if o.metric in metrics]
-                if not names:  # the server decides only on objectives a rung carries
-                    continue
-                own = [metrics[n] for n in names]
-                others = [[m[n] for n in names] for m in at_rung[step] if set(names) <= set(m)]
-                at_rung[step].append(metrics)
-                objective_dirs = [o.direction for o in spec.objectives if o.metric in metrics]
-                factor = spec.fidelity.reduction_factor
-                stop = rung_decision(own, others, objective_dirs, factor).stop
-            else:
-                trial.report(_weighted(table, metrics, lo, hi), step)
-                stop = trial.should_prune()
-            if stop:
-                stop_at = step
-                break
-        if stop_at is not None:
-            study.tell(trial, state=TrialState.PRUNED)
+    heap: list[_Running] = []
+    free, now, seq = list(range(workers)), 0.0, 0
+
+    def schedule(t: _Running) -> None:
+        nonlocal seq
+        seq += 1
+        step = t.steps[0] if t.steps else None
+        at = t.row.rungs[step]["device_seconds"] if step is not None else t.row.cost
+        t.due, t.seq = max(now, t.started + at), seq
+        heapq.heappush(heap, t)
+
+    def finish(t: _Running, stopped_at: int | None) -> None:
+        searcher.end(t.handle, t.row, stopped_at is not None)
+        if stopped_at is not None:
             trace.stopped += 1
-            cost = {"device-s": row.rungs[stop_at]["device_seconds"], "steps": float(stop_at)}
-        elif row.final is None:
-            study.tell(trial, state=TrialState.FAIL)
-            last = max(row.rungs, default=0)
-            cost = {"device-s": row.cost, "steps": float(last)}
+            cost = {"device-s": t.row.rungs[stopped_at]["device_seconds"], "steps": stopped_at}
+        elif t.row.final is None:
+            cost = {"device-s": t.row.cost, "steps": float(max(t.row.rungs, default=0))}
         else:
-            if method == "asha_weighted":
-                final = dict(zip(spec.metric_names, row.final, strict=True))
-                study.tell(trial, _weighted(table, final, lo, hi))
-            else:
-                study.tell(trial, list(row.final))
-            done.append(row.final)
-            cost = {"device-s": row.cost, "steps": float(rungs[-1])}
+            done.append(t.row.final)
+            cost = {"device-s": t.row.cost, "steps": float(last)}
         trace.trials += 1
         for u in UNITS:
             spent[u] += cost[u]
             trace.spent[u].append(spent[u])
         hv = hypervolume(done, table.reference, table.directions) if done else 0.0
         trace.hv.append(hv / table.front_hv)
-    return trace
+        free.append(t.worker)
+
+    try:
+        while True:
+            while free and any(spent[u] < table.budget[u] for u in UNITS):
+                worker = free.pop(0)
+                handle, params = searcher.start(worker)
+                row = table.nearest(params)
+                steps = []
+                for step in spec.fidelity.rungs()[:-1]:
+                    if step not in row.rungs:  # the recorded run failed before this rung
+                        break
+                    steps.append(step)
+                schedule(_Running(0.0, 0, worker, handle, row, now, steps))
+            if not heap:
+                return trace
+            t = heapq.heappop(heap)
+            now = t.due
+            if not t.steps:
+                finish(t, None)
+                continue
+            step = t.steps.pop(0)
+            if searcher.rung(t.handle, step, t.row.rungs[step]):
+                finish(t, step)
+            else:
+                schedule(t)  # its next rung, or its end
+    finally:
+        searcher.close()
 
 
 def curve(trace: Trace, unit: str, budget: float) -> np.ndarray:
@@ -280,9 +405,9 @@ def curve(trace: Trace, unit: str, budget: float) -> np.ndarray:
 _TABLES: dict[str, Table] = {}  # filled before the replay processes fork
 
 
-def _job(args: tuple[str, str, int, int]) -> tuple[str, str, int, Trace]:
-    stage, method, seed, trials = args
-    return stage, method, seed, replay(_TABLES[stage], method, seed, trials)
+def _job(args: tuple[str, str, int, int, int]) -> tuple[str, str, int, Trace]:
+    stage, method, seed, trials, workers = args
+    return stage, method, seed, replay(_TABLES[stage], method, seed, trials, workers)
 
 
 # ---------------------------------------------------------------- report
@@ -450,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=["sft", "pretrain_proxy", "dpo"])
     parser.add_argument("--table", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--jobs", type=int, default=1, help="replay processes")
+    parser.add_argument("--workers", type=int, default=4, help="asynchronous workers a method has")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -458,7 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tables = {s: load_stage(s, rows, args.trials) for s in stages}
     _TABLES.update(tables)
     jobs = [
-        (s, m, seed, args.trials) for s in stages for m in METHODS for seed in range(args.seeds)
+        (s, m, seed, args.trials, args.workers)
+        for s in stages
+        for m in METHODS
+        for seed in range(args.seeds)
     ]
     traces: dict[tuple[str, str], list[Trace]] = {(s, m): [] for s in stages for m in METHODS}
     with mp.get_context("fork").Pool(args.jobs) as pool:
@@ -493,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ", ".join(f"{s} {m:.1f} min" for s, m in recorded.items())
             + ")  ",
             f"Machine: {_machine()}  ",
-            f"{args.seeds} seeds; sequential simulated time (one worker); HV normalised by the "
+            f"{args.seeds} seeds; simulated time, {args.workers} asynchronous workers a method; "
+            "HV normalised by the "
             "table's own Pareto front; compute fractions are of the budget, which is "
             "NSGA-II's whole compute. Method details: `bench/search_efficiency.py`.",
             "",
