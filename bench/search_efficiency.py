@@ -76,6 +76,7 @@ import optuna  # noqa: E402
 from optuna.distributions import BaseDistribution  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from record_curves import DEFAULT_OUT, load_table  # noqa: E402
+from results_file import provenance  # noqa: E402
 
 from stagetune.contract.spec import (  # noqa: E402
     BudgetSpec,
@@ -611,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(
         ["OMP_NUM_THREADS=1 .venv/bin/python bench/search_efficiency.py", *sys.argv[1:]]
     )
+    tag = provenance(("optuna", "numpy", "moocore"))
     table_name = args.table.relative_to(REPO) if args.table.is_relative_to(REPO) else args.table
     recorded = {s: sum(r["wall_seconds"] for r in rows if r["stage"] == s) / 60 for s in stages}
     text = "\n".join(
@@ -622,6 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ", ".join(f"{s} {m:.1f} min" for s, m in recorded.items())
             + ")  ",
             f"Machine: {_machine()}  ",
+            f"Commit {tag['commit']}, "
+            + ", ".join(f"{k} {v}" for k, v in tag["versions"].items())
+            + "  ",
             f"{args.seeds} seeds; simulated time, {args.workers} asynchronous workers a method; "
             "HV normalised by the "
             "table's own Pareto front; compute fractions are of the budget, which is "
