@@ -259,6 +259,7 @@ def arm_stagetune(
     from stagetune.contract.client import StudyClient
     from stagetune.contract.spec import BudgetSpec, FidelitySpec, load_spec_file
     from stagetune.server.app import ServerSettings, make_server
+    from stagetune.server.optuna_policy import OptunaPolicy
 
     spec = load_spec_file(ROOT / "configs" / "lora.yaml")
     spec = dataclasses.replace(
@@ -290,7 +291,9 @@ def arm_stagetune(
             got["mlflow_drain_seconds"] = time.perf_counter() - got["last_completion"]
             got["mlflow_backlog_left"] = tracker.backlog()  # 0 unless 15 min did not drain it
             got["mlflow_runs"], got["mlflow_runs_ended"] = _mlflow_runs_ended(tracking)
-            pool = server.service.policy.pool
+            policy = server.service.policy
+            assert isinstance(policy, OptunaPolicy)  # the default policy: its pool is measured
+            pool = policy.pool
             got["sample_seconds"] = list(pool.sample_seconds)
             got["pool_misses"] = pool.misses
             return got

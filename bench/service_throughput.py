@@ -166,6 +166,7 @@ def bench_stagetune(
     from stagetune.contract.client import StudyClient
     from stagetune.contract.spec import BudgetSpec, load_spec_file
     from stagetune.server.app import ServerSettings, make_server
+    from stagetune.server.optuna_policy import OptunaPolicy
 
     spec = load_spec_file(Path(__file__).resolve().parents[1] / "configs" / "lora.yaml")
     spec = dataclasses.replace(spec, name="bench", budget=BudgetSpec(n, 0))
@@ -177,7 +178,9 @@ def bench_stagetune(
         result = _run_workers(
             _stagetune_worker, lambda i, ctx: (server.address, "bench", i, secs), k
         )
-        pool = server.service.policy.pool
+        policy = server.service.policy
+        assert isinstance(policy, OptunaPolicy)  # the default policy: its pool is measured
+        pool = policy.pool
         print(f"stagetune: {pool.misses} acquire(s) found no ready suggestion and waited")
         return (*result, list(pool.sample_seconds))
     finally:

@@ -164,7 +164,7 @@ def main() -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
     server = subprocess.Popen(
-        [Path(sys.executable).parent / "stagetune", "serve", "--port", str(port)]
+        [str(Path(sys.executable).parent / "stagetune"), "serve", "--port", str(port)]
         + ["--data-dir", str(tmp / "server")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
