@@ -1,14 +1,17 @@
 """Record the learning-curve table that ``bench/search_efficiency.py`` replays.
 
 For each stage (default ``sft``, ``pretrain_proxy`` and ``dpo``) the search space of
-``configs/<stage>.yaml`` is discretised into a finite grid: a log-scaled float gets
-``--log-levels`` geometric values, a linear float ``--lin-levels`` evenly spaced values, an
-int every value (at most 8), a categorical its choices. Up to ``--configs`` grid points per
-stage (the whole grid when it is smaller, else a seeded random sample) are trained for real,
+``configs/<stage>.yaml`` (or of ``--specs DIR/<stage>.yaml``) is discretised into a finite
+grid: a log-scaled float gets ``--log-levels`` geometric values, a linear float
+``--lin-levels`` evenly spaced values, an int every value (at most 8), a categorical its
+choices. Up to ``--configs`` grid points per stage (the whole grid when it is smaller, else
+a seeded random sample) are trained for real,
 with the stage's own runner and the config's ``runner`` section (the tiny model, synthetic
-arithmetic data), one after the other, with a rung report at every step of ``--rungs``.
+arithmetic data), one after the other, with a rung report at every step of ``--rungs``,
+once per training seed of ``--trial-seeds`` (the replay draws one of them per trial, so
+that re-running a configuration tells a method something new).
 
-What a row holds, per configuration:
+What a row holds, per configuration and training seed:
   rungs  what the runner reports at each rung step, exactly as a worker would send it to the
          server: the quality metric (eval_loss), peak_memory_mb (the trial's peak RSS so
          far) and device_seconds (the trial's clock so far, model loading included);
@@ -23,13 +26,16 @@ trial has its own peak RSS (the child resets its high-water mark through
 ``/proc/self/clear_refs`` first) while import costs are paid once. ``device_seconds`` starts
 at the runner's entry: process start-up is not counted, for any method alike.
 
-Rows are appended to a gzip'd JSON-lines file, one per configuration, so an interrupted run
-resumes where it stopped (configurations already recorded are skipped)::
+Rows are appended to a gzip'd JSON-lines file, one per configuration and seed, so an
+interrupted run resumes where it stopped (runs already recorded are skipped)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/record_curves.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/record_curves.py --trial-seeds 0 1 2 \
+        --out bench/data/curves-3seeds.jsonl.gz
 
-The committed table was recorded with the defaults: the whole sft (48) and dpo (192) grids
-and 200 of the 576 pretrain_proxy grid points, about 25 minutes on 2 shared CPU cores.
+The committed table was recorded with the defaults (one training seed): the whole sft (48)
+and dpo (192) grids and 200 of the 576 pretrain_proxy grid points, about 25 minutes on 2
+shared CPU cores.
 """
 
 from __future__ import annotations
@@ -199,27 +205,32 @@ def _describe(row: dict[str, Any], spec: StudySpec) -> str:
 
 
 def record_stage(
-    spec: StudySpec, args: argparse.Namespace, done: set[tuple[str, str]], work: Path
+    spec: StudySpec, args: argparse.Namespace, done: set[tuple[str, str, int]], work: Path
 ) -> None:
     grid, todo = configurations(spec, args.configs, args.log_levels, args.lin_levels, args.seed)
     size = math.prod(len(v) for v in grid.values())
-    print(f"== {spec.stage}: grid {size} points; recording {len(todo)}; rungs {args.rungs}")
+    seeds = args.trial_seeds
+    print(
+        f"== {spec.stage}: grid {size} points; recording {len(todo)} with training seeds "
+        f"{seeds}; rungs {args.rungs}"
+    )
     for name, values in grid.items():
         print(f"   {name}: {values}")
     started = time.perf_counter()
     fresh = 0
-    for i, params in enumerate(todo, 1):
-        if (spec.stage, config_key(params)) in done:
+    runs = [(params, seed) for params in todo for seed in seeds]
+    for i, (params, seed) in enumerate(runs, 1):
+        if (spec.stage, config_key(params), seed) in done:
             continue
-        row = record_one(spec, params, args.rungs, work / spec.stage / str(i), args.trial_seed)
+        row = record_one(spec, params, args.rungs, work / spec.stage / str(i), seed)
         with gzip.open(args.out, "at") as f:  # one gzip member per row: safe to interrupt
             f.write(json.dumps(row, sort_keys=True) + "\n")
         fresh += 1
         elapsed = time.perf_counter() - started
-        left = sum((spec.stage, config_key(p)) not in done for p in todo[i:])
+        left = sum((spec.stage, config_key(p), s) not in done for p, s in runs[i:])
         eta = elapsed / fresh * left
         print(
-            f"[{spec.stage} {i}/{len(todo)}] {config_key(params)}\n"
+            f"[{spec.stage} {i}/{len(runs)}] {config_key(params)} seed {seed}\n"
             f"    {_describe(row, spec)}  ({row['wall_seconds']:.1f} s; "
             f"elapsed {elapsed / 60:.1f} min, ~{eta / 60:.1f} min left)",
             flush=True,
@@ -234,14 +245,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-levels", type=int, default=8, help="values of a log float")
     parser.add_argument("--lin-levels", type=int, default=2, help="values of a linear float")
     parser.add_argument("--seed", type=int, default=0, help="seed of the configuration sample")
-    parser.add_argument("--trial-seed", type=int, default=0, help="training seed of every run")
+    parser.add_argument(
+        "--trial-seeds", type=int, nargs="+", default=[0], help="training seeds: one run each"
+    )
+    parser.add_argument(
+        "--specs", type=Path, default=REPO / "configs", help="folder of <stage>.yaml study configs"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["stage"], r["key"]) for r in load_table(args.out)}
+    done = {(r["stage"], r["key"], int(r.get("seed", 0))) for r in load_table(args.out)}
     print(f"{args.out}: {len(done)} rows already recorded", flush=True)
 
     from stagetune.trainer.run_trial import _runner
@@ -250,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _runner(stage)
     with tempfile.TemporaryDirectory(prefix="stagetune-record-") as tmp:
         for stage in args.stages:
-            spec = load_spec_file(REPO / "configs" / f"{stage}.yaml")
+            spec = load_spec_file(args.specs / f"{stage}.yaml")
             record_stage(spec, args, done, Path(tmp))
     return 0
 

@@ -3,8 +3,9 @@
 Replays the table of real tiny-run learning curves that ``bench/record_curves.py`` wrote
 (``bench/data/curves.jsonl.gz``) in simulated time: no training, a "trial" reads its rung and
 final metrics from the table and costs what the recorded run cost up to where it stopped.
-Per stage (the study settings of ``configs/<stage>.yaml``: objectives, search space,
-fidelity rungs and reduction factor), five methods, each over ``--seeds`` seeds:
+Per stage (the study settings of ``configs/<stage>.yaml``, or ``--specs DIR``: objectives,
+search space, fidelity rungs and reduction factor), five methods, each over ``--seeds``
+seeds:
 
   stagetune      the server itself, minus gRPC: its StudyService and TrialService over a
                  SQLite store, with the Optuna policy (the suggestion pool sampling the
@@ -28,7 +29,8 @@ ahead on its own thread, as deployed, so its replays are not bit-for-bit repeata
 
 Sampled configurations are mapped to the nearest recorded one (L1 over parameters scaled to
 [0, 1], log scale where the spec is log; a categorical mismatch counts 1); the sft and dpo
-tables hold their whole grid, so there it is only rounding to the grid.
+tables hold their whole grid, so there it is only rounding to the grid. Where the table
+holds several training seeds of a configuration, each trial draws one of them.
 
 Compute is counted in two units: ``device-s``, the recorded device-seconds of the run up to
 its last rung (stopped) or to its end (completed, final measurements included), which holds
@@ -59,6 +61,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -75,7 +78,7 @@ sys.path[:0] = [str(REPO), str(REPO / "proto"), str(REPO / "bench")]
 import optuna  # noqa: E402
 from optuna.distributions import BaseDistribution  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from record_curves import DEFAULT_OUT, load_table  # noqa: E402
+from record_curves import DEFAULT_OUT, config_key, load_table  # noqa: E402
 from results_file import provenance  # noqa: E402
 
 from stagetune.contract.spec import (  # noqa: E402
@@ -117,10 +120,11 @@ class Row:
 class Table:
     spec: StudySpec
     rows: list[Row]
-    points: np.ndarray  # rows' parameters scaled to [0, 1] (categoricals: choice index)
+    points: np.ndarray  # configurations' parameters scaled to [0, 1] (categoricals: index)
     reference: list[float]
     front_hv: float
     budget: dict[str, float]  # per unit
+    configs: list[list[Row]]  # by configuration (the order of ``points``): a row per seed
 
     @property
     def directions(self) -> list[Direction]:
@@ -138,25 +142,27 @@ class Table:
                 out.append((v - p.low) / (p.high - p.low))
         return np.array(out)
 
-    def nearest(self, params: dict[str, Any]) -> Row:
-        """The recorded configuration closest to ``params`` (itself when recorded)."""
+    def nearest(self, params: dict[str, Any]) -> list[Row]:
+        """The runs (one per training seed) of the recorded configuration closest to
+        ``params`` (itself when recorded)."""
         want = self.scaled(params)
         categorical = np.array([isinstance(p, CategoricalParam) for p in self.spec.search_space])
         gap = np.abs(self.points - want)
         gap[:, categorical] = gap[:, categorical] > 0
-        return self.rows[int(np.argmin(gap.sum(axis=1)))]
+        return self.configs[int(np.argmin(gap.sum(axis=1)))]
 
 
 def _finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def load_stage(stage: str, rows: list[dict[str, Any]], trials: int) -> Table:
-    spec = load_spec_file(REPO / "configs" / f"{stage}.yaml")
+def load_stage(stage: str, rows: list[dict[str, Any]], trials: int, specs: Path) -> Table:
+    spec = load_spec_file(specs / f"{stage}.yaml")
     names = spec.metric_names
+    space = {p.name for p in spec.search_space}
     table: list[Row] = []
     for r in rows:
-        if r["stage"] != stage:
+        if r["stage"] != stage or set(r["params"]) != space:  # another space's recording
             continue
         final = r["final"]
         vector = tuple(float(final[n]) for n in names) if set(names) <= set(final) else None
@@ -171,12 +177,16 @@ def load_stage(stage: str, rows: list[dict[str, Any]], trials: int) -> Table:
     as_min = complete * signs
     ideal, nadir = as_min.min(axis=0), as_min.max(axis=0)
     reference = [float(v) for v in (nadir + 0.1 * (nadir - ideal)) * signs]
-    probe = Table(spec, table, np.zeros(0), reference, 1.0, {})
-    points = np.array([probe.scaled(r.params) for r in table])
+    probe = Table(spec, table, np.zeros(0), reference, 1.0, {}, [])
+    groups: dict[str, list[Row]] = {}
+    for run in table:  # a configuration's runs, one per training seed
+        groups.setdefault(config_key(run.params), []).append(run)
+    configs = list(groups.values())
+    points = np.array([probe.scaled(g[0].params) for g in configs])
     front_hv = hypervolume(complete.tolist(), reference, spec.directions)
     full_cost = statistics.mean(r.cost for r in table if r.final is not None)
     budget = {"device-s": trials * full_cost, "steps": float(trials * spec.fidelity.max_steps)}
-    return Table(spec, table, points, reference, front_hv, budget)
+    return Table(spec, table, points, reference, front_hv, budget, configs)
 
 
 # ---------------------------------------------------------------- one replayed study
@@ -341,6 +351,7 @@ def replay(table: Table, method: str, seed: int, trials: int, workers: int = 4) 
     spent = dict.fromkeys(UNITS, 0.0)
     heap: list[_Running] = []
     free, now, seq = list(range(workers)), 0.0, 0
+    draw = random.Random(seed)  # which recorded training seed a trial gets
 
     def schedule(t: _Running) -> None:
         nonlocal seq
@@ -373,7 +384,7 @@ def replay(table: Table, method: str, seed: int, trials: int, workers: int = 4) 
             while free and any(spent[u] < table.budget[u] for u in UNITS):
                 worker = free.pop(0)
                 handle, params = searcher.start(worker)
-                row = table.nearest(params)
+                row = draw.choice(table.nearest(params))  # one of its training seeds
                 steps = []
                 for step in spec.fidelity.rungs()[:-1]:
                     if step not in row.rungs:  # the recorded run failed before this rung
@@ -575,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=60, help="budget: this many full runs")
     parser.add_argument("--stages", nargs="+", default=["sft", "pretrain_proxy", "dpo"])
     parser.add_argument("--table", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--specs", type=Path, default=REPO / "configs", help="folder of <stage>.yaml study configs"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="replay processes")
     parser.add_argument("--workers", type=int, default=4, help="asynchronous workers a method has")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -582,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     rows = load_table(args.table)
     stages = [s for s in args.stages if any(r["stage"] == s for r in rows)]
-    tables = {s: load_stage(s, rows, args.trials) for s in stages}
+    tables = {s: load_stage(s, rows, args.trials, args.specs) for s in stages}
     _TABLES.update(tables)
     jobs = [
         (s, m, seed, args.trials, args.workers)
