@@ -490,7 +490,8 @@ def summarise(
         lines += [
             f"### {stage}",
             "",
-            f"{len(table.rows)} recorded configurations; objectives {objectives}; rungs "
+            f"{len(table.configs)} recorded configurations ({len(table.rows)} runs); objectives "
+            f"{objectives}; rungs "
             f"{table.spec.fidelity.rungs()} (reduction factor "
             f"{table.spec.fidelity.reduction_factor:g}); budget {budgets}. A run stopped at "
             f"step {first} costs {early:.0%} of a full run in device-s, "
