@@ -17,6 +17,7 @@ __all__ = [
     "StudyStateName",
     "TrialStateName",
     "RungRecord",
+    "RungReport",
     "TrialRecord",
     "StudyRecord",
     "StudyHead",
@@ -32,6 +33,16 @@ class RungRecord:
     step: int
     metrics: dict[str, float]
     time: datetime
+
+
+@dataclass(frozen=True)
+class RungReport:
+    """A rung report to store: its step, metrics, and the metric that is also the trial's
+    Optuna intermediate value there (the first objective's)."""
+
+    step: int
+    metrics: dict[str, float]
+    primary: str = ""
 
 
 @dataclass(frozen=True)

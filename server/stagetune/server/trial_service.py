@@ -30,6 +30,7 @@ from stagetune.contract.spec import StudySpec, check_bounded, check_count
 from stagetune.contract.stages import CUSTOM
 from stagetune.server.records import (
     RequestAnswer,
+    RungReport,
     StudyHead,
     StudyRecord,
     TrialLease,
@@ -298,21 +299,26 @@ class TrialService:
                     return bool(first["stop"]), str(first["reason"]), lease_at
             study, trial = self._held(trial_id, worker_id)
             lease = self._lease_until()
-            self.store.renew_lease(trial_id, lease)
             # A repeated report of a step keeps the first metrics (the first answer counts).
-            if not any(r.step == step for r in trial.rungs):
-                self.store.record_rung(trial_id, step, metrics, study.spec.objectives[0].metric)
-                self.tracker.trial_progress(trial, step, metrics)
+            new_rung = not any(r.step == step for r in trial.rungs)
             violation = study.spec.violated(metrics)
             if study.state != "running" and study.state != "done":
                 stop, reason = True, f"study {study.spec.name} was stopped"
             elif violation:  # hard constraints first, at any rung: no point going on
                 stop, reason = True, f"infeasible at rung {step}: {violation}"
-            else:
+            else:  # against the other trials' reports: this one's need not be stored yet
                 stop, reason = self.policy.decide(study.spec, trial, step, metrics)
-            if request_id:
-                answer = {"stop": stop, "reason": reason, "infeasible": violation}
-                self.store.record_request(trial_id, RequestAnswer(request_id, payload, answer))
+            answer = {"stop": stop, "reason": reason, "infeasible": violation}
+            # The lease, the rung and the answer in one transaction: at thousands of
+            # reports the commits are the cost.
+            self.store.record_report(
+                trial_id,
+                lease,
+                RungReport(step, metrics, study.spec.objectives[0].metric) if new_rung else None,
+                RequestAnswer(request_id, payload, answer) if request_id else None,
+            )
+            if new_rung:
+                self.tracker.trial_progress(trial, step, metrics)
             if stop:
                 self._stop(study, trial, reason, violation, step)
         self.events.rung_decided(stop)

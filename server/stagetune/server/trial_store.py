@@ -26,6 +26,7 @@ from stagetune.server import optuna_rdb as rdb
 from stagetune.server.database import storage_errors
 from stagetune.server.records import (
     RequestAnswer,
+    RungReport,
     TrialLease,
     TrialOutcome,
     TrialRecord,
@@ -286,6 +287,27 @@ class TrialStore(abc.ABC):
         )
         if primary in metrics:
             self.optuna_storage.set_trial_intermediate_value(trial_id, step, metrics[primary])
+
+    @storage_errors
+    def record_report(
+        self,
+        trial_id: int,
+        lease_expires: float,
+        rung: RungReport | None,
+        request: RequestAnswer | None,
+    ) -> None:
+        """A rung report's writes in one transaction: the renewed lease, the rung (None:
+        already recorded) and the answer to the request; then the rung's primary metric as
+        the trial's Optuna intermediate value (see ``record_rung``)."""
+        attrs: dict[str, Any] = {at.LEASE: lease_expires}
+        if rung is not None:
+            attrs[at.rung_key(rung.step)] = at.rung_value(rung.metrics, _now())
+        if request is not None:
+            attrs |= at.request_attrs(request)
+        rdb.set_trial_attrs(self.optuna_storage, trial_id, attrs)
+        if rung is not None and rung.primary in rung.metrics:
+            value = rung.metrics[rung.primary]
+            self.optuna_storage.set_trial_intermediate_value(trial_id, rung.step, value)
 
     @storage_errors
     def record_request(self, trial_id: int, request: RequestAnswer) -> None:
