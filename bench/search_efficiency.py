@@ -4,7 +4,7 @@ Replays the table of real tiny-run learning curves that ``bench/record_curves.py
 (``bench/data/curves.jsonl.gz``) in simulated time: no training, a "trial" reads its rung and
 final metrics from the table and costs what the recorded run cost up to where it stopped.
 Per stage (the study settings of ``configs/<stage>.yaml``, or ``--specs DIR``: objectives,
-search space, fidelity rungs and reduction factor), five methods, each over ``--seeds``
+search space, fidelity rungs and reduction factor), six methods, each over ``--seeds``
 seeds:
 
   stagetune      the server itself, minus gRPC: its StudyService and TrialService over a
@@ -12,6 +12,9 @@ seeds:
                  study's MO-TPE ahead on its own thread, MO-ASHA at every rung below the
                  last, on the objectives the rung report carries), called as a worker calls
                  it (acquire, report_progress at each rung, complete or fail);
+  syne_moasha    Syne Tune's ``MOASHA`` (``make bench-deps``): random configurations, its
+                 own multi-objective asynchronous successive halving on the same rungs and
+                 reduction factor, on the objectives a rung carries;
   motpe          the server's TPE sampler (``make_sampler``), every trial at full budget;
   nsga2          the server's NSGA-II sampler, full budget;
   random         random search, full budget;
@@ -84,6 +87,7 @@ from results_file import provenance  # noqa: E402
 from stagetune.contract.spec import (  # noqa: E402
     BudgetSpec,
     CategoricalParam,
+    FloatParam,
     ParamValue,
     SamplerConfig,
     StudySpec,
@@ -94,7 +98,7 @@ from stagetune.objectives.pareto import hypervolume  # noqa: E402
 from stagetune.server.attributes import distributions_of  # noqa: E402
 from stagetune.server.optuna_policy import make_sampler  # noqa: E402
 
-METHODS = ("stagetune", "motpe", "nsga2", "random", "asha_weighted")
+METHODS = ("stagetune", "syne_moasha", "motpe", "nsga2", "random", "asha_weighted")
 UNITS = ("device-s", "steps")
 TARGET_SHARE = 0.95  # of NSGA-II's final hypervolume
 TARGET_COMPUTE = 0.30  # of NSGA-II's compute (the whole budget)
@@ -322,6 +326,79 @@ class _Server:
         self._tmp.cleanup()
 
 
+class _SyneTune:
+    """Syne Tune's ``MOASHA`` (random configurations, multi-objective asynchronous
+    successive halving by non-dominated sorting), given each rung's report as a trial
+    result. Its rungs are the study's (grace period the first rung, the same reduction
+    factor, ``max_t`` the last rung); it ranks on the objectives a rung report carries, as
+    the server does, each turned to minimisation."""
+
+    def __init__(self, table: Table, seed: int) -> None:
+        from syne_tune import config_space as cs
+        from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA
+
+        np.random.seed(seed)  # MOASHA draws configurations and brackets from numpy's state
+        space: dict[str, Any] = {}
+        for p in table.spec.search_space:
+            if isinstance(p, CategoricalParam):
+                space[p.name] = cs.choice(list(p.choices))
+            elif isinstance(p, FloatParam):
+                space[p.name] = (cs.loguniform if p.log else cs.uniform)(p.low, p.high)
+            else:
+                space[p.name] = (cs.lograndint if p.log else cs.randint)(p.low, p.high)
+        first = table.spec.fidelity.rungs()[0]
+        carried = set.intersection(*(set(r.rungs.get(first, {})) for r in table.rows if r.rungs))
+        self.signs = {
+            o.metric: 1.0 if o.direction == "minimize" else -1.0
+            for o in table.spec.objectives
+            if o.metric in carried
+        }
+        self.last = table.spec.fidelity.max_steps
+        self.names = table.spec.metric_names
+        self.scheduler = MOASHA(
+            space,
+            metrics=list(self.signs),
+            do_minimize=True,
+            time_attr="step",
+            max_t=self.last,
+            grace_period=table.spec.fidelity.min_steps,
+            reduction_factor=table.spec.fidelity.reduction_factor,
+            random_seed=seed,
+        )
+        self.count = 0
+
+    def _result(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        return {"step": step, **{m: sign * metrics[m] for m, sign in self.signs.items()}}
+
+    def start(self, worker: int) -> tuple[Any, dict[str, Any]]:
+        from datetime import datetime
+
+        from syne_tune.backend.trial_status import Trial
+
+        suggestion = self.scheduler.suggest()
+        assert suggestion is not None and suggestion.config is not None
+        trial = Trial(trial_id=self.count, config=suggestion.config, creation_time=datetime.now())
+        self.count += 1
+        self.scheduler.on_trial_add(trial)
+        return trial, dict(suggestion.config)
+
+    def rung(self, trial: Any, step: int, metrics: dict[str, float]) -> bool:
+        from syne_tune.optimizer.scheduler import SchedulerDecision
+
+        decision = self.scheduler.on_trial_result(trial, self._result(step, metrics))
+        return bool(decision == SchedulerDecision.STOP)
+
+    def end(self, trial: Any, row: Row, stopped: bool) -> None:
+        if stopped or row.final is None:
+            self.scheduler.on_trial_remove(trial)
+        else:
+            final = dict(zip(self.names, row.final, strict=True))
+            self.scheduler.on_trial_complete(trial, self._result(self.last, final))
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(order=True)
 class _Running:
     """A trial in flight in simulated time: its next event is at ``due``."""
@@ -340,11 +417,13 @@ def replay(table: Table, method: str, seed: int, trials: int, workers: int = 4) 
     (a trial's clock is its recorded device-seconds), handing out trials until the budget
     is spent in every unit; trials already running then finish and count."""
     spec = table.spec
-    searcher: Any = (
-        _Server(table, seed, trials)
-        if method == "stagetune"
-        else (_Optuna(table, method, seed, trials))
-    )
+    searcher: Any
+    if method == "stagetune":
+        searcher = _Server(table, seed, trials)
+    elif method == "syne_moasha":
+        searcher = _SyneTune(table, seed)
+    else:
+        searcher = _Optuna(table, method, seed, trials)
     last = spec.fidelity.rungs()[-1]
     done: list[tuple[float, ...]] = []
     trace = Trace({u: [0.0] for u in UNITS}, [0.0])
