@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(
         ["OMP_NUM_THREADS=1 .venv/bin/python bench/search_efficiency.py", *sys.argv[1:]]
     )
-    tag = provenance(("optuna", "numpy", "moocore"))
+    tag = provenance(("optuna", "numpy", "moocore", "syne-tune"))
     table_name = args.table.relative_to(REPO) if args.table.is_relative_to(REPO) else args.table
     recorded = {s: sum(r["wall_seconds"] for r in rows if r["stage"] == s) / 60 for s in stages}
     text = "\n".join(
