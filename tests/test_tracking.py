@@ -131,3 +131,27 @@ def test_a_burst_of_completions_rewrites_the_front_once_and_flush_writes_the_las
     assert [by_trial[i]["pareto_rank"] for i in ids] == ["5", "4", "3", "2", "1"]
     assert [by_trial[i]["pareto_front"] for i in ids] == ["false"] * 4 + ["true"]
     assert tracker.backlog() == 0
+
+
+def test_a_front_view_older_than_the_latest_completion_is_never_written(
+    tracked_server: StagetuneServer, lora_spec: StudySpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A front rewrite can wait for its interval while another completion (on this server
+    or on a replica sharing the database) lands: the older view must not overwrite the
+    newer one's CSV, plot and rank tags."""
+    views: list[object] = []
+    front_changed = tracked_server.tracker.front_changed
+
+    def keep(spec: StudySpec, load: object, hv: float, n: int) -> None:
+        views.append(load)
+        front_changed(spec, load, hv, n)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tracked_server.tracker, "front_changed", keep)
+    with StudyClient(tracked_server.address) as sc, WorkerClient(tracked_server.address) as wc:
+        sc.create_study(lora_spec)
+        for i in range(2):
+            a = wc.acquire("w1")
+            wc.complete(a.trial.trial_id, "w1", objective_metrics(2.0 - i, 5.0, 100.0))
+    older, newer = views
+    assert older() is None  # type: ignore[operator]
+    assert [t.pareto_rank for t in newer()] == [2, 1]  # type: ignore[operator]

@@ -104,10 +104,16 @@ class StudyFronts:
             front.hypervolume = hv
 
         snapshot = {trial_id for trial_id, _ in rows}
+        counted = front.complete
 
-        def load_trials() -> list[TrialRecord]:
+        def load_trials() -> list[TrialRecord] | None:
             # The trials complete *now*, read later on the tracker's thread: a trial that
-            # completes meanwhile is left to its own update (its child run may not exist yet).
+            # completes meanwhile is left to its own update (its child run may not exist
+            # yet). By then this view may be old: another completion, here or on another
+            # replica, has its own update with a newer view, which writes the front; this
+            # one must not overwrite it (None).
+            if self._store.count_complete(spec.name) != counted:
+                return None
             complete = self._store.trials(spec.name, ["complete"])
             return ranked(spec, [t for t in complete if t.trial_id in snapshot])
 

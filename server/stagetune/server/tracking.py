@@ -41,6 +41,9 @@ __all__ = ["Tracker", "NullTracker", "MlflowTracker", "local_artifact_root"]
 
 #: How a database says a row with that key was just written by someone else (PostgreSQL,
 #: SQLite, MySQL), as MLflow passes it on.
+# Reads every COMPLETE trial with its rank for a front update; None: the update is stale.
+LoadTrials = Callable[[], "list[TrialRecord] | None"]
+
 _DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
 
 _log = logging.getLogger(__name__)
@@ -77,12 +80,13 @@ class Tracker(Protocol):
     def front_changed(
         self,
         spec: StudySpec,
-        load_trials: Callable[[], list[TrialRecord]],
+        load_trials: LoadTrials,
         hypervolume: float,
         n_complete: int,
     ) -> None:
         """``load_trials()``: every COMPLETE trial with its current ``pareto_rank``; called
-        only if the tracker needs them (it reads the trial table)."""
+        only if the tracker needs them (it reads the trial table); None when trials
+        completed since this update, whose own update writes the front."""
         ...
 
     def flush(self, timeout: float = 30.0) -> None: ...
@@ -121,7 +125,7 @@ class NullTracker:
     def front_changed(
         self,
         spec: StudySpec,
-        load_trials: Callable[[], list[TrialRecord]],
+        load_trials: LoadTrials,
         hypervolume: float,
         n_complete: int,
     ) -> None:
@@ -369,7 +373,7 @@ class MlflowTracker:
     def front_changed(
         self,
         spec: StudySpec,
-        load_trials: Callable[[], list[TrialRecord]],
+        load_trials: LoadTrials,
         hypervolume: float,
         n_complete: int,
     ) -> None:
@@ -474,7 +478,7 @@ class MlflowTracker:
     def _update_front(
         self,
         spec: StudySpec,
-        load_trials: Callable[[], list[TrialRecord]],
+        load_trials: LoadTrials,
         hypervolume: float,
         n_complete: int,
     ) -> None:
@@ -493,9 +497,7 @@ class MlflowTracker:
             return
         self._write_front(spec, load_trials)
 
-    def _defer_front(
-        self, spec: StudySpec, load_trials: Callable[[], list[TrialRecord]], wait: float
-    ) -> None:
+    def _defer_front(self, spec: StudySpec, load_trials: LoadTrials, wait: float) -> None:
         """Write the front after ``wait`` seconds (once, whatever happens meanwhile: it
         reads the trials when it runs). Counted in the backlog until written."""
         with self._pending_lock:
@@ -519,11 +521,13 @@ class MlflowTracker:
         self._submit(self._write_front, spec, load_trials)
         self._count(-1)  # the deferred write's count passed on to its submission
 
-    def _write_front(self, spec: StudySpec, load_trials: Callable[[], list[TrialRecord]]) -> None:
+    def _write_front(self, spec: StudySpec, load_trials: LoadTrials) -> None:
         """Every trial's rank tags that changed, then the front's CSV and plot."""
+        trials = load_trials()
+        if trials is None:  # a newer completion's update writes it (here or on a replica)
+            return
         self._front_written[spec.name] = time.monotonic()
         _, parent = self._parent(spec)
-        trials = load_trials()
         for t in trials:
             run_id = self._child(spec, t)
             tags = ("true" if t.pareto_rank == 1 else "false", str(t.pareto_rank))
