@@ -330,7 +330,7 @@ def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
     infeasible mark from another replica is seen, and so is a row committed with a lower
     row id than one already read (two writers' transactions ending out of order)."""
     from stagetune.server import attributes as at
-    from stagetune.server.records import TrialLease
+    from stagetune.server.records import RungReport, TrialLease
     from stagetune.server.storage import StudyStore
 
     here, there = StudyStore(storage_url), StudyStore(storage_url)
@@ -347,9 +347,9 @@ def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
             late_id = conn.execute(
                 sqlalchemy.select(ua.c.trial_user_attribute_id).where(ua.c.key == "st_placeholder")
             ).scalar_one()
-        here.record_rung(ids[0], 8, {"eval_loss": 1.0})
+        here.record_report(ids[0], lease.expires, RungReport(8, {"eval_loss": 1.0}), None)
         assert here.rung_metrics(lora_spec.name, 8) == [(ids[0], {"eval_loss": 1.0})]
-        there.record_rung(ids[1], 8, {"eval_loss": 2.0})
+        there.record_report(ids[1], lease.expires, RungReport(8, {"eval_loss": 2.0}), None)
         rdb.set_trial_attrs(there.optuna_storage, ids[0], {at.INFEASIBLE: "oom"})
         assert here.rung_metrics(lora_spec.name, 8) == [(ids[1], {"eval_loss": 2.0})]
         value = json.dumps(at.rung_value({"eval_loss": 3.0}, datetime.now(UTC)))

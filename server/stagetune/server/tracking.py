@@ -39,11 +39,11 @@ from stagetune.server.records import TrialRecord
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "local_artifact_root"]
 
-#: How a database says a row with that key was just written by someone else (PostgreSQL,
-#: SQLite, MySQL), as MLflow passes it on.
-# Reads every COMPLETE trial with its rank for a front update; None: the update is stale.
+#: Reads every COMPLETE trial with its rank for a front update; None: the update is stale.
 LoadTrials = Callable[[], "list[TrialRecord] | None"]
 
+#: How a database says a row with that key was just written by someone else (PostgreSQL,
+#: SQLite, MySQL), as MLflow passes it on.
 _DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
 
 _log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class MlflowTracker:
         self._front_interval = front_interval
         self._front_written: dict[str, float] = {}  # study -> monotonic time of last rewrite
         # Rewrites waiting for their interval, by study: the timer and what it will write.
-        self._deferred: dict[str, tuple[threading.Timer, StudySpec, Callable[[], Any]]] = {}
+        self._deferred: dict[str, tuple[threading.Timer, StudySpec, LoadTrials]] = {}
         self._backlog = 0  # events submitted and not yet done, under _pending_lock
         self.errors = 0
 

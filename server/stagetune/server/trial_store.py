@@ -276,19 +276,6 @@ class TrialStore(abc.ABC):
         rdb.set_trial_attrs(self.optuna_storage, trial_id, {at.LEASE: expires})
 
     @storage_errors
-    def record_rung(
-        self, trial_id: int, step: int, metrics: dict[str, float], primary: str = ""
-    ) -> None:
-        """Store a rung report. ``primary`` (the first objective's metric), when reported, is
-        also the trial's Optuna intermediate value at ``step`` (Optuna keeps one value per
-        step), so optuna-dashboard shows the rungs; the whole report is a user attribute."""
-        self.optuna_storage.set_trial_user_attr(
-            trial_id, at.rung_key(step), at.rung_value(metrics, _now())
-        )
-        if primary in metrics:
-            self.optuna_storage.set_trial_intermediate_value(trial_id, step, metrics[primary])
-
-    @storage_errors
     def record_report(
         self,
         trial_id: int,
@@ -297,8 +284,10 @@ class TrialStore(abc.ABC):
         request: RequestAnswer | None,
     ) -> None:
         """A rung report's writes in one transaction: the renewed lease, the rung (None:
-        already recorded) and the answer to the request; then the rung's primary metric as
-        the trial's Optuna intermediate value (see ``record_rung``)."""
+        already recorded) and the answer to the request. Then the rung's primary metric
+        (the first objective's), when reported, is also the trial's Optuna intermediate
+        value at that step (Optuna keeps one value per step), so optuna-dashboard shows the
+        rungs; the whole report is the user attribute."""
         attrs: dict[str, Any] = {at.LEASE: lease_expires}
         if rung is not None:
             attrs[at.rung_key(rung.step)] = at.rung_value(rung.metrics, _now())
