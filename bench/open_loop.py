@@ -55,16 +55,14 @@ from typing import Any
 
 from results_file import provenance, write_results
 from service_throughput import (
-    DIRECTIONS,
     _percentiles,
     _search_space,
     _values,
     _wal,
     load_optuna_study,
+    optuna_study_storage,
     start_workers,
 )
-
-from stagetune.trainer.assignment import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = [
@@ -159,10 +157,6 @@ def _optuna_worker(
         study.tell(trial, v)
         ended["complete"] += 1
     out.put((lat, work, ended, {}, time.perf_counter()))
-
-
-def _connect(url: str) -> dict[str, Any]:
-    return {"timeout": 60} if url.startswith("sqlite") else {}
 
 
 def _run(target: Any, args_of: Any, k: int) -> dict[str, Any]:
@@ -304,28 +298,13 @@ def arm_stagetune(
 def arm_optuna(
     kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str, proxy: bool
 ) -> dict[str, Any]:
-    import optuna
-    from optuna.storages._grpc.server import make_server
-
-    with _database(kind, tmp, "optuna", admin) as url:
-        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": _connect(url)})
-        optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
-        server = None
-        where: tuple[str, Any] = ("rdb", url)
-        if proxy:
-            port = free_port()
-            server = make_server(rdb, "127.0.0.1", port)
-            server.start()
-            where = ("proxy", port)
+    with (
+        _database(kind, tmp, "optuna", admin) as url,
+        optuna_study_storage(url, proxy) as where,
+    ):
         left = mp.get_context("spawn").Value("i", n)
         deadline = time.time() + minutes * 60
-        try:
-            return _run(_optuna_worker, lambda i, c: (where, i, left, secs, deadline), k)
-        finally:
-            if server is not None:
-                server.stop(0)
-            rdb.remove_session()
-            rdb.engine.dispose()
+        return _run(_optuna_worker, lambda i, c: (where, i, left, secs, deadline), k)
 
 
 def _row(arm: str, n: int, k: int, got: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,37 @@ def _stagetune_worker(
     out.put(lat)
 
 
+def connect_args(url: str) -> dict[str, Any]:
+    """SQLite waits for its write lock up to 60 s (16 writers queue on it); others as is."""
+    return {"timeout": 60} if url.startswith("sqlite") else {}
+
+
+@contextmanager
+def optuna_study_storage(url: str, proxy: bool) -> Iterator[tuple[str, Any]]:
+    """Create the Optuna study "bench" at ``url`` and yield where its workers reach it:
+    ``("rdb", url)`` directly, or ``("proxy", port)`` through Optuna's GrpcStorageProxy
+    server, started here and stopped after."""
+    import optuna
+    from optuna.storages._grpc.server import make_server
+
+    rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args(url)})
+    optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
+    server = None
+    where: tuple[str, Any] = ("rdb", url)
+    if proxy:
+        port = free_port()
+        server = make_server(rdb, "127.0.0.1", port)
+        server.start()
+        where = ("proxy", port)
+    try:
+        yield where
+    finally:
+        if server is not None:
+            server.stop(0)
+        rdb.remove_session()
+        rdb.engine.dispose()
+
+
 def load_optuna_study(storage_spec: tuple[str, Any], study: str, wid: int) -> Any:
     """A worker's own handle on the Optuna study: on the database directly (``("rdb",
     url)``) or through the gRPC proxy (``("proxy", port)``), with its own TPE sampler
@@ -92,8 +125,8 @@ def load_optuna_study(storage_spec: tuple[str, Any], study: str, wid: int) -> An
     if kind == "proxy":
         storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
     else:
-        connect = {"timeout": 60} if where.startswith("sqlite") else {}
-        storage = optuna.storages.RDBStorage(where, engine_kwargs={"connect_args": connect})
+        engine = {"connect_args": connect_args(where)}
+        storage = optuna.storages.RDBStorage(where, engine_kwargs=engine)
     sampler = optuna.samplers.TPESampler(seed=wid, multivariate=True, constant_liar=True)
     return optuna.load_study(study_name=study, storage=storage, sampler=sampler)
 
@@ -190,28 +223,11 @@ def bench_stagetune(
 def bench_optuna(
     tmp: Path, k: int, n: int, secs: float, proxy: bool
 ) -> tuple[float, list[float], list[float]]:
-    import optuna
-    from optuna.storages._grpc.server import make_server
-
     _wal(tmp / "optuna.db")
-    url = f"sqlite:///{tmp / 'optuna.db'}"
-    rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    optuna.create_study(study_name="bench", storage=rdb, directions=DIRECTIONS)
-    server = None
-    spec: tuple[str, Any] = ("rdb", url)
-    if proxy:
-        port = free_port()
-        server = make_server(rdb, "127.0.0.1", port)
-        server.start()
-        spec = ("proxy", port)
-    ctx = mp.get_context("spawn")
-    left = ctx.Value("i", n)
-    try:
+    with optuna_study_storage(f"sqlite:///{tmp / 'optuna.db'}", proxy) as spec:
+        left = mp.get_context("spawn").Value("i", n)
         wall, lat = _run_workers(_optuna_worker, lambda i, c: (spec, "bench", i, left, secs), k)
         return wall, lat, []  # sampling is inside ask
-    finally:
-        if server is not None:
-            server.stop(0)
 
 
 def main() -> None:
