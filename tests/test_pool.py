@@ -4,16 +4,19 @@ mirror learns every result, and a restarted server rebuilds it from the database
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from stagetune.contract.client import StudyClient, WorkerClient
-from stagetune.contract.spec import BudgetSpec, StudySpec, value_from_proto
+from stagetune.contract.spec import BudgetSpec, ConstraintSpec, StudySpec, value_from_proto
+from stagetune.objectives.pareto import non_dominated_ranks
+from stagetune.server import attributes as at
 from stagetune.server.app import StagetuneServer
-from stagetune.server.pool import SuggestionPool
+from stagetune.server.pool import SuggestionPool, bounded_history
 from tests.conftest import objective_metrics, start_server
 
 
@@ -193,3 +196,78 @@ def test_two_replicas_on_one_database_hand_out_different_configurations(
         b.stop(grace=0)
     assert len(handed) == 12
     assert len({tuple(sorted(p.items())) for p in handed}) == 12  # no configuration twice
+
+
+def test_a_bounded_history_holds_the_best_layers_whole_and_a_sample_of_the_rest(
+    lora_spec: StudySpec,
+) -> None:
+    rng = random.Random(0)
+    trials: list[FrozenTrial] = []
+    for i in range(400):
+        if i % 10 == 0:  # stopped at a rung: never among the best, may be sampled
+            trials.append(create_trial(state=TrialState.PRUNED))
+        else:
+            values = [rng.uniform(1, 5), rng.uniform(1, 10), rng.uniform(100, 800)]
+            trials.append(create_trial(values=values))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranks = non_dominated_ranks([t.values for t in complete], lora_spec.directions)
+    layers = 1  # the fewest whole layers holding a quarter of the history (80)
+    while sum(r <= layers for r in ranks) < 20:
+        layers += 1
+    best = {id(t) for t, r in zip(complete, ranks, strict=True) if r <= layers}
+    assert len(best) <= 40  # else this would check the cut at half, not whole layers
+
+    kept = bounded_history(lora_spec, trials, 80, random.Random(1))
+
+    assert len(kept) == 80
+    position = {id(t): i for i, t in enumerate(trials)}
+    assert [position[id(t)] for t in kept] == sorted(position[id(t)] for t in kept)
+    assert best <= {id(t) for t in kept}  # whole layers: TPE's good group is among them
+    # The rest is a sample of every other trial, not the next layers: some lie far down.
+    rank_of = {id(t): r for t, r in zip(complete, ranks, strict=True)}
+    assert max(rank_of.get(id(t), 0) for t in kept) > layers + 3
+    assert any(t.state == TrialState.PRUNED for t in kept)
+    assert bounded_history(lora_spec, trials, 0, rng) == trials  # 0: no bound
+    assert bounded_history(lora_spec, trials[:80], 80, rng) == trials[:80]
+
+
+def test_an_infeasible_trial_is_not_kept_as_one_of_the_best(lora_spec: StudySpec) -> None:
+    spec = dataclasses.replace(lora_spec, constraints=(ConstraintSpec("peak_memory_mb", max=900),))
+    over = {at.METRICS: {"peak_memory_mb": 10_000.0}}  # far above the limit
+    trials = [create_trial(values=[0.1, 0.1, 1.0], user_attrs=over)]
+    trials += [create_trial(values=[1.0 + i, 5.0, 500.0 - i]) for i in range(99)]
+    kept = [bounded_history(spec, trials, 10, random.Random(seed)) for seed in range(20)]
+    # It dominates every other trial; were it counted among the best it would be in all
+    # 20. It is only ever drawn in the random part (5 of 95 places).
+    assert sum(trials[0] in k for k in kept) <= 5
+    assert all(trials[1] in k for k in kept)  # the feasible front's first trial is best
+
+
+def test_a_large_studys_mirror_is_rebuilt_on_a_bounded_history_and_keeps_suggesting(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    spec, first, start_second = two_servers_on(tmp_path, lora_spec, 60)
+    try:
+        pool = first.service.policy.pool
+        pool.history = 10
+        run_trials(first.address, spec.name, 30)
+        mirror = pool._mirrors[spec.name]
+        assert mirror.generation > 1  # rebuilt on a bounded history, maybe more than once
+        assert mirror.finished <= 10 + 10 // 2 + 1
+        eventually(lambda: len(pool._mirrors[spec.name].by_db) >= 30)  # every trial known
+    finally:
+        first.stop(grace=0)
+    second = start_second()
+    try:
+        second.service.policy.pool.history = 10
+        run_trials(second.address, spec.name, 2, worker="after-restart")
+        mirror = second.service.policy.pool._mirrors[spec.name]
+        # Built from the database on the bound: ten of the 30, then the two new results.
+        eventually(
+            lambda: (
+                mirror_states(second.service.policy.pool, spec.name).get(TrialState.COMPLETE) == 12
+            )
+        )
+        assert len(mirror.by_db) >= 32
+    finally:
+        second.stop(grace=0)

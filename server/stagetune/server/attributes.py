@@ -25,6 +25,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import FrozenTrial
 
 from stagetune.contract.spec import CategoricalParam, FloatParam, StudySpec
 from stagetune.server.records import RequestAnswer, RungRecord, TrialLease, TrialOutcome
@@ -170,3 +171,11 @@ def measured_metrics(user_attrs: dict[str, Any]) -> dict[str, float]:
         rungs = rung_records(user_attrs)
         metrics = dict(rungs[-1].metrics) if rungs else {}
     return metrics
+
+
+def constraint_values(spec: StudySpec, trial: FrozenTrial) -> list[float]:
+    """Optuna's constraint convention, one value per constraint of the study, <= 0 when
+    met: how far the trial's final metrics (or, for a trial stopped at a rung, its last
+    rung's) lie outside each limit. A metric never measured counts as met."""
+    metrics = measured_metrics(trial.user_attrs)
+    return [c.excess(metrics[c.metric]) if c.metric in metrics else 0.0 for c in spec.constraints]

@@ -14,14 +14,13 @@ import threading
 from functools import partial
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from stagetune.contract.errors import Unavailable
 from stagetune.contract.spec import ParamValue, StudySpec
 from stagetune.server import attributes as at
 from stagetune.server import optuna_rdb as rdb
 from stagetune.server.asha import rung_decision
-from stagetune.server.attributes import distributions_of
+from stagetune.server.attributes import constraint_values, distributions_of
 from stagetune.server.database import storage_errors
 from stagetune.server.policy import Policy
 from stagetune.server.pool import SuggestionPool
@@ -31,14 +30,6 @@ from stagetune.server.storage import StudyStore
 __all__ = ["OptunaPolicy", "make_sampler", "constraint_values"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def constraint_values(spec: StudySpec, trial: FrozenTrial) -> list[float]:
-    """Optuna's constraint convention, one value per constraint of the study, <= 0 when
-    met: how far the trial's final metrics (or, for a trial stopped at a rung, its last
-    rung's) lie outside each limit. A metric never measured counts as met."""
-    metrics = at.measured_metrics(trial.user_attrs)
-    return [c.excess(metrics[c.metric]) if c.metric in metrics else 0.0 for c in spec.constraints]
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
