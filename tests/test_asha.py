@@ -28,10 +28,31 @@ def test_a_dominated_trial_is_stopped_when_the_top_third_is_full() -> None:
 def test_within_a_front_crowding_distance_breaks_the_tie() -> None:
     # All four on one front; (2,2.1) and (2.1,2) are crowded inner points, boundaries are not.
     others = [[1.0, 4.0], [4.0, 1.0], [2.0, 2.1]]
-    inner = rung_decision([2.1, 2.0], others, MIN2, reduction_factor=2)
-    assert inner.rank == 1 and inner.stop  # keep 2: the two boundary points win
-    boundary = rung_decision([0.5, 5.0], [[4.0, 1.0], [2.0, 2.1], [2.1, 2.0]], MIN2, 2)
+    inner = rung_decision([2.1, 2.0], others, MIN2, reduction_factor=2, keep_front=False)
+    assert inner.rank == 1 and inner.stop  # the paper's rule, keep 2: the boundary points win
+    others = [[4.0, 1.0], [2.0, 2.1], [2.1, 2.0]]
+    boundary = rung_decision([0.5, 5.0], others, MIN2, 2, keep_front=False)
     assert not boundary.stop
+
+
+def test_a_trial_no_other_dominates_always_continues() -> None:
+    # The crowded inner point above: placed below the cut, but nothing beats it, and the
+    # final front may well hold it. A dominated trial below the cut still stops.
+    others = [[1.0, 4.0], [4.0, 1.0], [2.0, 2.1]]
+    inner = rung_decision([2.1, 2.0], others, MIN2, reduction_factor=2)
+    assert inner.rank == 1 and inner.position >= inner.keep and not inner.stop
+    assert rung_decision([3.0, 4.5], others, MIN2, reduction_factor=2).stop
+
+
+def test_no_trial_stops_until_the_rung_has_min_reports() -> None:
+    others = [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    held = rung_decision([9.0, 9.0], others, MIN2, reduction_factor=2, min_reports=5)
+    assert not held.stop and held.n == 4 and held.dominated_by == (0, 1, 2)
+    # The fifth report: enough evidence, and the worst of five is stopped.
+    decided = rung_decision([9.0, 9.0], [*others, [4.0, 4.0]], MIN2, 2, min_reports=5)
+    assert decided.stop and decided.keep == 3
+    # Below reduction_factor, min_reports changes nothing: two of two always continue.
+    assert not rung_decision([9.0, 9.0], [[1.0, 1.0]], MIN2, 3, min_reports=1).stop
 
 
 def test_a_single_objective_is_plain_asha() -> None:
@@ -42,8 +63,11 @@ def test_a_single_objective_is_plain_asha() -> None:
 
 
 def test_exact_ties_do_not_let_a_trial_jump_ahead_of_earlier_ones() -> None:
-    d = rung_decision([1.0, 1.0], [[1.0, 1.0], [1.0, 1.0]], MIN2, reduction_factor=2)
+    others = [[1.0, 1.0], [1.0, 1.0]]
+    d = rung_decision([1.0, 1.0], others, MIN2, reduction_factor=2, keep_front=False)
     assert d.stop and d.position == 2
+    # An equal point does not dominate: with the front kept, the third twin continues.
+    assert not rung_decision([1.0, 1.0], others, MIN2, reduction_factor=2).stop
 
 
 def _reference(
@@ -71,8 +95,10 @@ def test_the_decision_matches_the_definition_on_random_rungs_with_ties() -> None
         others = [[float(rng.randint(0, 6)) for _ in range(m)] for _ in range(rng.randint(0, 40))]
         own = [float(rng.randint(0, 6)) for _ in range(m)]
         d = rung_decision(own, others, directions, reduction_factor=3)
+        paper = rung_decision(own, others, directions, reduction_factor=3, keep_front=False)
         position, beaten = _reference(own, others, directions)
         assert d.dominated_by == beaten, case
         if d.n >= 3:
             assert d.position == position, case
-            assert d.stop == (position >= d.keep), case
+            assert paper.stop == (position >= d.keep), case
+            assert d.stop == (position >= d.keep and bool(beaten)), case

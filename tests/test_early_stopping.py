@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from stagetune.contract.client import StudyClient, WorkerClient
-from stagetune.contract.errors import FailedPrecondition
-from stagetune.contract.spec import BudgetSpec, StudySpec
+from stagetune.contract.errors import FailedPrecondition, InvalidArgument
+from stagetune.contract.spec import BudgetSpec, StudySpec, spec_from_mapping, spec_from_proto
 from stagetune.v1 import types_pb2 as pb
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -81,3 +83,40 @@ def test_status_shows_why_a_trial_was_stopped(
     _report(worker_client, "w2", 8, 3.0, 600.0)
     text = render_status(study_client, asha_spec.name)
     assert "stopped / failed / infeasible:" in text and "stopped at rung 8" in text
+
+
+def test_min_reports_holds_every_stop_until_the_rung_has_that_many_reports(
+    worker_client: WorkerClient, study_client: StudyClient, lora_spec: StudySpec
+) -> None:
+    fidelity = dataclasses.replace(lora_spec.fidelity, min_reports=3)
+    spec = dataclasses.replace(
+        lora_spec, early_stopping="mo_asha", budget=BudgetSpec(8, 0), fidelity=fidelity
+    )
+    study_client.create_study(spec)
+    stored = spec_from_proto(study_client.get_study(spec.name).spec)
+    assert stored.fidelity.min_reports == 3  # through the wire and the store
+    _report(worker_client, "w1", 8, 2.0, 500.0)
+    _, stop, _ = _report(worker_client, "w2", 8, 3.0, 600.0)
+    assert not stop  # dominated, but compared with one trial only
+    _, stop, reason = _report(worker_client, "w3", 8, 4.0, 700.0)
+    assert stop and "place 3 of 3" in reason
+
+
+def test_a_bad_min_reports_is_refused_naming_the_field(
+    study_client: StudyClient, lora_spec: StudySpec
+) -> None:
+    fidelity = dataclasses.replace(lora_spec.fidelity, min_reports=-1)
+    with pytest.raises(InvalidArgument) as err:
+        study_client.create_study(dataclasses.replace(lora_spec, fidelity=fidelity))
+    assert err.value.field == "fidelity.min_reports"
+    assert not [s for s in study_client.list_studies() if s.spec.name == lora_spec.name]
+
+
+def test_min_reports_is_read_from_a_config_and_never_below_the_reduction_factor() -> None:
+    data = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
+    data["fidelity"] = {"min_steps": 8, "max_steps": 32, "reduction_factor": 3, "min_reports": 6}
+    assert spec_from_mapping(data).fidelity.reports_to_stop == 6
+    data["fidelity"]["min_reports"] = 1  # fewer than ceil(3): the top third holds every one
+    assert spec_from_mapping(data).fidelity.reports_to_stop == 3
+    del data["fidelity"]["min_reports"]
+    assert spec_from_mapping(data).fidelity.reports_to_stop == 3

@@ -88,6 +88,7 @@ def _fuzzed_spec(draw: hs.DrawFn) -> pb.StudySpec:
         msg.objectives[0].metric = draw(hs.sampled_from(["vibes", "", "eval_loss"]))
     msg.fidelity.min_steps = draw(hs.integers(-5, 100))
     msg.fidelity.reduction_factor = draw(_numbers)
+    msg.fidelity.min_reports = draw(hs.integers(-(2**62), 2**62))
     msg.budget.max_trials = draw(hs.integers(-(2**31), 2**31 - 1))
     msg.stage = draw(hs.integers(0, 9))
     msg.early_stopping = draw(hs.integers(0, 5))

@@ -51,6 +51,7 @@ def test_a_different_spec_under_the_same_name_is_refused(
             "search_space.learning_rate.low",
         ),
         (lambda m: setattr(m.fidelity, "reduction_factor", 1.0), "fidelity.reduction_factor"),
+        (lambda m: setattr(m.fidelity, "min_reports", -3), "fidelity.min_reports"),
         (lambda m: setattr(m.budget, "max_trials", 0), "budget.max_trials"),
         (lambda m: setattr(m, "name", "../etc"), "name"),
         (

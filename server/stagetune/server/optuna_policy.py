@@ -142,7 +142,10 @@ class OptunaPolicy(Policy):
                 other_ids.append(trial_id)
         own = [metrics[n] for n in names]
         directions = [o.direction for o in objectives]
-        d = rung_decision(own, others, directions, spec.fidelity.reduction_factor)
+        fidelity = spec.fidelity
+        d = rung_decision(
+            own, others, directions, fidelity.reduction_factor, fidelity.reports_to_stop
+        )
         if not d.stop:
             return False, ""
         beaten = ", ".join(str(other_ids[i]) for i in d.dominated_by[:10]) or "none"

@@ -7,6 +7,7 @@ No reading, checking or wire code here: ``parsing`` builds these from YAML data,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -80,6 +81,14 @@ class FidelitySpec:
     min_steps: int
     max_steps: int
     reduction_factor: float = 3.0
+    min_reports: int = 0  # early stopping waits for this many reports at a rung (see below)
+
+    @property
+    def reports_to_stop(self) -> int:
+        """Reports a rung needs before early stopping stops anything there: ``min_reports``,
+        and never fewer than ``ceil(reduction_factor)`` (below that, every trial is in the
+        top ``1/reduction_factor``)."""
+        return max(self.min_reports, math.ceil(self.reduction_factor))
 
     def rungs(self) -> list[int]:
         """Rung budgets: min_steps · η^i below max_steps, then max_steps itself."""

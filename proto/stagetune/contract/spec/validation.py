@@ -215,6 +215,8 @@ def validate_spec(spec: StudySpec) -> None:
     check_finite(f.reduction_factor, "fidelity.reduction_factor")
     if f.reduction_factor <= 1:
         raise InvalidArgument("fidelity.reduction_factor", "must be > 1")
+    if not 0 <= f.min_reports <= 100_000:
+        raise InvalidArgument("fidelity.min_reports", "must be between 0 and 100000")
     if not 1 <= spec.budget.max_trials <= 100_000:
         raise InvalidArgument("budget.max_trials", "must be between 1 and 100000")
     if not 0 <= spec.budget.max_retries <= 10:

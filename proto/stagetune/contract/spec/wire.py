@@ -74,6 +74,7 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
             min_steps=spec.fidelity.min_steps,
             max_steps=spec.fidelity.max_steps,
             reduction_factor=spec.fidelity.reduction_factor,
+            min_reports=spec.fidelity.min_reports,
         ),
         budget=pb.Budget(max_trials=spec.budget.max_trials, max_retries=spec.budget.max_retries),
         sampler=pb.SamplerSpec(kind=_SAMPLERS.to_proto[spec.sampler.kind]),
@@ -169,7 +170,10 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
         search_space=tuple(space),
         objectives=tuple(objectives),
         fidelity=FidelitySpec(
-            msg.fidelity.min_steps, msg.fidelity.max_steps, msg.fidelity.reduction_factor
+            msg.fidelity.min_steps,
+            msg.fidelity.max_steps,
+            msg.fidelity.reduction_factor,
+            msg.fidelity.min_reports,
         ),
         budget=BudgetSpec(
             msg.budget.max_trials,
