@@ -1,0 +1,154 @@
+"""Which rung rule lets the server end at MO-TPE's front: candidates raced side by side.
+
+MO-ASHA with MO-TPE reaches a good front fastest, but ended below MO-TPE run at full
+budget on the same compute (``bench/search_efficiency.py``). Each candidate is a setting
+of the server's rung decision (``rung_decision`` in server/asha.py, as the policy calls
+it); everything else is the search-efficiency race's stagetune arm: the server's
+services, its pool and MO-TPE, 4 asynchronous workers in simulated time, the same recorded
+tables, budget and seeds. MO-TPE and NSGA-II at full budget run beside them.
+
+  paper          MO-ASHA as published: the top ceil(n / eta) of the n trials at the rung
+                 continue (front, then crowding distance); all continue while n < eta
+  front          the server's rule: the same, but a trial no other trial at the rung
+                 dominates always continues (``keep_front``)
+  paper+wait     the paper's rule with ``fidelity.min_reports`` = 4 * eta: nothing stops
+                 until that many trials reported at the rung
+  front+wait     the server's rule with min_reports = 4 * eta (what the packaged sft,
+                 pretrain_proxy, dpo and grpo configs set)
+
+The study configs are ``configs/<stage>.yaml`` with ``min_reports`` set by the candidate.
+Reported per stage and candidate: median final hypervolume (normalised by the table's
+front) with IQR, and the compute after which the median run first reaches 95% of NSGA-II's
+final hypervolume (device-s and steps; target <= 30%). Bold marks a candidate at or above
+MO-TPE's median final hypervolume. The candidates were chosen on these same tables: there
+is no held-out race.
+
+    make bench-deps && OMP_NUM_THREADS=1 .venv/bin/python bench/stopping_rules.py --seeds 10
+
+Writes bench/results/stopping_rules.{md,json}, tagged with the commit and versions (~11 min
+on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import numpy as np
+from record_curves import DEFAULT_OUT, load_table
+from results_file import provenance, write_results
+from search_efficiency import (
+    REPO,
+    TARGET_SHARE,
+    UNITS,
+    Table,
+    curve,
+    first_reach,
+    load_stage,
+    replay,
+)
+
+import stagetune.server.optuna_policy as optuna_policy
+from stagetune.server.asha import rung_decision
+
+
+@dataclass(frozen=True)
+class Candidate:
+    keep_front: bool
+    wait: bool  # min_reports = 4 * reduction_factor (else 0: the factor itself)
+
+
+CANDIDATES = {
+    "paper": Candidate(keep_front=False, wait=False),
+    "front": Candidate(keep_front=True, wait=False),
+    "paper+wait": Candidate(keep_front=False, wait=True),
+    "front+wait": Candidate(keep_front=True, wait=True),
+}
+
+
+def _with(table: Table, c: Candidate) -> Table:
+    fidelity = table.spec.fidelity
+    wait = math.ceil(4 * fidelity.reduction_factor) if c.wait else 0
+    return replace(table, spec=replace(table.spec, fidelity=replace(fidelity, min_reports=wait)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--trials", type=int, default=60, help="budget: this many full runs")
+    parser.add_argument("--stages", nargs="+", default=["sft", "pretrain_proxy", "dpo"])
+    parser.add_argument(
+        "--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES)
+    )
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = load_table(DEFAULT_OUT)
+    record: dict[str, Any] = {
+        **provenance(("optuna", "numpy", "moocore")),
+        "seeds": args.seeds,
+        "trials": args.trials,
+        "stages": {},
+    }
+    lines = [
+        "# Rung rules raced: the server's arm per candidate, MO-TPE and NSGA-II at full budget",
+        "",
+        f"commit {record['commit']}, "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+        + f"; {args.seeds} seeds, budget {args.trials} full runs, 4 asynchronous workers, "
+        "simulated time; the table `bench/data/curves.jsonl.gz`.",
+        "",
+    ]
+    for stage in args.stages:
+        table = load_stage(stage, rows, args.trials, REPO / "configs")
+        curves: dict[tuple[str, str], np.ndarray] = {}
+        for arm in ["nsga2", "motpe", *args.candidates]:
+            if arm in ("nsga2", "motpe"):
+                traces = [replay(table, arm, seed, args.trials) for seed in range(args.seeds)]
+            else:
+                c = CANDIDATES[arm]
+                rule = partial(rung_decision, keep_front=c.keep_front)
+                optuna_policy.__dict__["rung_decision"] = rule  # what decide() calls
+                raced = _with(table, c)
+                traces = [
+                    replay(raced, "stagetune", seed, args.trials) for seed in range(args.seeds)
+                ]
+                optuna_policy.__dict__["rung_decision"] = rung_decision
+            for u in UNITS:
+                curves[arm, u] = np.array([curve(t, u, table.budget[u]) for t in traces])
+            print(f"{stage} {arm}: {time.perf_counter() - started:.0f} s", flush=True)
+        target = {u: TARGET_SHARE * float(np.median(curves["nsga2", u][:, -1])) for u in UNITS}
+        motpe = float(np.median(curves["motpe", "device-s"][:, -1]))
+        out: dict[str, Any] = {}
+        lines += [
+            f"## {stage}",
+            "",
+            "| arm | final HV median [IQR] | to 95% NSGA-II, device-s | steps |",
+            "|---|---|---|---|",
+        ]
+        for arm in ["motpe", *args.candidates]:
+            final = curves[arm, "device-s"][:, -1]
+            q1, q2, q3 = (float(x) for x in np.percentile(final, [25, 50, 75]))
+            reach = {
+                u: float(np.median([first_reach(c, target[u]) for c in curves[arm, u]]))
+                for u in UNITS
+            }
+            out[arm] = {"final_hv": [q1, q2, q3], "reach": reach}
+            hv = f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
+            if arm != "motpe" and q2 >= motpe:
+                hv = f"**{hv}**"
+            cells = ["never" if math.isinf(reach[u]) else f"{100 * reach[u]:.0f}%" for u in UNITS]
+            lines.append(f"| {arm} | {hv} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+        record["stages"][stage] = out
+    lines.append(f"({time.perf_counter() - started:.0f} s; `{' '.join(sys.argv)}`)")
+    print("\n".join(lines))
+    write_results("stopping_rules", record, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
