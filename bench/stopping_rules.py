@@ -47,6 +47,8 @@ from search_efficiency import (
     TARGET_SHARE,
     UNITS,
     Table,
+    _iqr,
+    _pct,
     curve,
     first_reach,
     load_stage,
@@ -114,10 +116,12 @@ def main() -> None:
                 rule = partial(rung_decision, keep_front=c.keep_front)
                 optuna_policy.__dict__["rung_decision"] = rule  # what decide() calls
                 raced = _with(table, c)
-                traces = [
-                    replay(raced, "stagetune", seed, args.trials) for seed in range(args.seeds)
-                ]
-                optuna_policy.__dict__["rung_decision"] = rung_decision
+                try:
+                    traces = [
+                        replay(raced, "stagetune", seed, args.trials) for seed in range(args.seeds)
+                    ]
+                finally:
+                    optuna_policy.__dict__["rung_decision"] = rung_decision
             for u in UNITS:
                 curves[arm, u] = np.array([curve(t, u, table.budget[u]) for t in traces])
             print(f"{stage} {arm}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -138,11 +142,10 @@ def main() -> None:
                 for u in UNITS
             }
             out[arm] = {"final_hv": [q1, q2, q3], "reach": reach}
-            hv = f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
+            hv = _iqr(final)
             if arm != "motpe" and q2 >= motpe:
                 hv = f"**{hv}**"
-            cells = ["never" if math.isinf(reach[u]) else f"{100 * reach[u]:.0f}%" for u in UNITS]
-            lines.append(f"| {arm} | {hv} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {arm} | {hv} | {_pct(reach['device-s'])} | {_pct(reach['steps'])} |")
         lines.append("")
         record["stages"][stage] = out
     lines.append(f"({time.perf_counter() - started:.0f} s; `{' '.join(sys.argv)}`)")
