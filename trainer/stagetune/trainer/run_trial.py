@@ -134,7 +134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if rank0:
         result.write(Path(a.result_path))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Leave the ranks' process group, if the trial made one, before the interpreter
+    exits: left to the interpreter's teardown, gloo's threads can abort a rank (SIGABRT,
+    "terminate called without an active exception") after the trial trained and its
+    result was written, and the launch then exits non-zero."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
