@@ -133,10 +133,21 @@ def test_set_trial_attrs_writes_all_and_a_finished_trial_refuses_all(
         "st_lease": 12.5,
         "st_x": [1, 2],
     }
+    # With a rung's intermediate value, in the same transaction; a step written again is
+    # overwritten, as Optuna's own setter does.
+    rdb.set_trial_attrs(storage, trial, {"st_rung_2": {"m": 1}}, intermediate=(2, 0.75))
+    rdb.set_trial_attrs(storage, trial, {}, intermediate=(4, math.inf))
+    rdb.set_trial_attrs(storage, trial, {"st_lease": 13.0}, intermediate=(2, 0.5))
+    t = storage.get_trial(trial)
+    assert t.intermediate_values == {2: 0.5, 4: math.inf}
+    assert t.user_attrs["st_rung_2"] == {"m": 1} and t.user_attrs["st_lease"] == 13.0
     storage.set_trial_state_values(trial, TrialState.FAIL)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        rdb.set_trial_attrs(storage, trial, {"st_y": 1})
+        rdb.set_trial_attrs(storage, trial, {"st_y": 1}, intermediate=(8, 1.0))
     assert "st_y" not in storage.get_trial(trial).user_attrs
+    assert 8 not in storage.get_trial(trial).intermediate_values
+    with pytest.raises(KeyError):
+        rdb.set_trial_attrs(storage, trial + 1000, {"st_y": 1})
 
 
 def test_finish_trial_writes_state_values_and_attributes_at_once(
@@ -208,6 +219,28 @@ def test_each_read_agrees_with_optunas_public_reads(storage: RDBStorage, study: 
     assert rdb.complete_values(storage, study)[b] == (1.0, math.inf)
     assert rdb.trial_attr(storage, a, "st_worker") == storage.get_trial(a).user_attrs["st_worker"]
     assert rdb.trial_attr(storage, waiting, "st_worker") is None
+
+
+def test_get_trial_is_optunas_get_trial_in_every_state(storage: RDBStorage, study: int) -> None:
+    running = _insert(storage, study, st_attempt=1, st_worker="w1", st_rung_2={"m": [1, 2]})
+    storage.set_trial_intermediate_value(running, 2, 0.25)
+    storage.set_trial_intermediate_value(running, 4, -math.inf)
+    complete = _insert(storage, study, st_attempt=1)
+    done = datetime(2025, 1, 2, 4, 0, 0, tzinfo=UTC)
+    rdb.finish_trial(storage, complete, TrialState.COMPLETE, [1.5, math.inf], {"st_m": 1}, done)
+    stopped = _insert(storage, study)
+    rdb.finish_trial(storage, stopped, TrialState.PRUNED, [], {"st_reason": "r"}, done)
+    waiting = storage.create_new_trial(study, optuna.trial.create_trial(state=TrialState.WAITING))
+    enqueued = optuna.trial.create_trial(
+        state=TrialState.WAITING, params={"r": 8}, distributions={"r": DISTS["r"]}
+    )
+    queued = storage.create_new_trial(study, enqueued)
+    for trial in (running, complete, stopped, waiting, queued):
+        ours, optunas = rdb.get_trial(storage, trial), storage.get_trial(trial)
+        assert ours == optunas, (ours, optunas)
+        assert list(ours.params) == list(optunas.params)  # in the order they were written
+    with pytest.raises(KeyError):
+        rdb.get_trial(storage, queued + 1000)
 
 
 def test_ids_of_optuna_objects(storage: RDBStorage, study: int) -> None:
@@ -334,6 +367,11 @@ def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
     from stagetune.server.storage import StudyStore
 
     here, there = StudyStore(storage_url), StudyStore(storage_url)
+
+    def rivals(*names: str, without: int = -1) -> list[tuple[int, list[float]]]:
+        got, values = here.rung_rivals(lora_spec.name, 8, names or ("eval_loss",), without)
+        return list(zip(got, values.tolist(), strict=True))
+
     try:
         here.create_study(lora_spec)
         params = {"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -348,10 +386,14 @@ def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
                 sqlalchemy.select(ua.c.trial_user_attribute_id).where(ua.c.key == "st_placeholder")
             ).scalar_one()
         here.record_report(ids[0], lease.expires, RungReport(8, {"eval_loss": 1.0}), None)
-        assert here.rung_metrics(lora_spec.name, 8) == [(ids[0], {"eval_loss": 1.0})]
-        there.record_report(ids[1], lease.expires, RungReport(8, {"eval_loss": 2.0}), None)
+        assert rivals() == [(ids[0], [1.0])]
+        assert rivals(without=ids[0]) == []  # a report is not its own rival
+        there.record_report(
+            ids[1], lease.expires, RungReport(8, {"eval_loss": 2.0, "peak_memory_mb": 9.0}), None
+        )
+        assert rivals("peak_memory_mb", "eval_loss") == [(ids[1], [9.0, 2.0])]  # carries both
         rdb.set_trial_attrs(there.optuna_storage, ids[0], {at.INFEASIBLE: "oom"})
-        assert here.rung_metrics(lora_spec.name, 8) == [(ids[1], {"eval_loss": 2.0})]
+        assert rivals() == [(ids[1], [2.0])]
         value = json.dumps(at.rung_value({"eval_loss": 3.0}, datetime.now(UTC)))
         with there.optuna_storage.engine.begin() as conn:
             conn.execute(ua.delete().where(ua.c.trial_user_attribute_id == late_id))
@@ -363,10 +405,8 @@ def test_rung_reads_see_what_another_replica_wrote_even_out_of_row_order(
                     value_json=value,
                 )
             )
-        assert here.rung_metrics(lora_spec.name, 8) == [
-            (ids[1], {"eval_loss": 2.0}),
-            (ids[2], {"eval_loss": 3.0}),
-        ]
+        assert rivals() == [(ids[1], [2.0]), (ids[2], [3.0])]  # in trial id order
+        assert rivals("peak_memory_mb", "eval_loss") == [(ids[1], [9.0, 2.0])]
     finally:
         for store in (here, there):
             store.optuna_storage.engine.dispose()

@@ -75,3 +75,17 @@ def test_a_storage_url_that_is_not_one_is_named(tmp_path: Path) -> None:
     line = one_line(stderr)
     assert code == 2
     assert "--storage (STAGETUNE_STORAGE): 'nosuchdb://somewhere/x' is not a database URL" in line
+
+
+def test_a_database_stagetune_does_not_run_on_is_refused_naming_the_ones_it_does(
+    tmp_path: Path,
+) -> None:
+    code, stderr = serve(
+        tmp_path, "--storage", "mysql+pymysql://u:PLANTED-pw@127.0.0.1/x", "--tracking-uri", ""
+    )
+    line = one_line(stderr)
+    assert code == 2
+    assert "--storage (STAGETUNE_STORAGE): 'mysql+pymysql://u:***@127.0.0.1/x' is a mysql" in line
+    assert "PostgreSQL (postgresql+psycopg://USER@HOST:5432/DB) or SQLite" in line
+    assert "PLANTED-pw" not in stderr
+    assert not (tmp_path / "data" / "stagetune.db").exists()

@@ -26,8 +26,8 @@ import numpy.typing as npt
 
 from stagetune.objectives.catalog import Direction
 
-Points = Sequence[Sequence[float]]
 _Array = npt.NDArray[np.float64]
+Points = Sequence[Sequence[float]] | _Array  # one row per point
 
 _DIRECTION_SIGNS: dict[str, float] = {"minimize": 1.0, "maximize": -1.0}
 
@@ -57,9 +57,13 @@ def _as_min_matrix(points: Points, directions: Sequence[Direction]) -> _Array:
     m = len(signs)
     if len(points) == 0:
         return np.empty((0, m), dtype=np.float64)
-    for i, p in enumerate(points):
-        if len(p) != m:
-            raise ValueError(f"points[{i}]: has {len(p)} values, directions has {m}")
+    if isinstance(points, np.ndarray) and points.ndim == 2:  # one shape check, not n
+        if points.shape[1] != m:
+            raise ValueError(f"points[0]: has {points.shape[1]} values, directions has {m}")
+    else:
+        for i, p in enumerate(points):
+            if len(p) != m:
+                raise ValueError(f"points[{i}]: has {len(p)} values, directions has {m}")
     arr = np.asarray(points, dtype=np.float64).reshape(len(points), m)
     _no_nan(arr, "points")
     return arr * signs
@@ -106,7 +110,8 @@ def non_dominated_ranks(points: Points, directions: Sequence[Direction]) -> list
     if len(arr) == 0:
         return []
     ranks = moocore.pareto_rank(np.ascontiguousarray(arr))
-    return [int(r) + 1 for r in ranks]
+    ranked: list[int] = (np.asarray(ranks, dtype=np.int64) + 1).tolist()
+    return ranked
 
 
 def crowding_distance(points: Points, directions: Sequence[Direction]) -> list[float]:

@@ -28,6 +28,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from stagetune.objectives.catalog import Direction
 from stagetune.objectives.pareto import crowding_distance, dominated_by, non_dominated_ranks
 
@@ -45,8 +48,8 @@ class RungDecision:
 
 
 def _position(
-    points: Sequence[Sequence[float]],
-    ranks: Sequence[int],
+    points: npt.NDArray[np.float64],
+    ranks: npt.NDArray[np.int64],
     me: int,
     directions: Sequence[Direction],
 ) -> int:
@@ -55,31 +58,35 @@ def _position(
     front's crowding matters, so only that front is sorted: at thousands of reports a rung
     decision stays a few milliseconds."""
     mine = ranks[me]
-    ahead = sum(1 for r in ranks if r < mine)
-    members = [i for i, r in enumerate(ranks) if r == mine]
-    spread = crowding_distance([points[i] for i in members], directions)
+    ahead = int(np.count_nonzero(ranks < mine))
+    members = np.flatnonzero(ranks == mine).tolist()
+    spread = crowding_distance(points[members], directions)
     within = [m for _, m in sorted(zip(spread, members, strict=True), key=lambda p: -p[0])]
     return ahead + within.index(me)
 
 
 def rung_decision(
     own: Sequence[float],
-    others: Sequence[Sequence[float]],
+    others: Sequence[Sequence[float]] | npt.NDArray[np.float64],
     directions: Sequence[Direction],
     reduction_factor: float,
     min_reports: int = 0,
     keep_front: bool = True,
 ) -> RungDecision:
-    """Continue or stop ``own`` given the vectors ``others`` reported at the same rung.
-    ``keep_front=False`` is the paper's rule (a benchmark races it)."""
-    points = [*others, own]
+    """Continue or stop ``own`` given the vectors ``others`` reported at the same rung (a
+    list of vectors or a matrix, one row each). ``keep_front=False`` is the paper's rule
+    (a benchmark races it)."""
+    width = len(own)
+    points = np.vstack(
+        [np.asarray(others, dtype=np.float64).reshape(-1, width), np.asarray([own], float)]
+    )
     n = len(points)
     me = n - 1
-    ranks = non_dominated_ranks(points, directions)
-    beaten_by = tuple(dominated_by(own, others, directions))
+    ranks = np.asarray(non_dominated_ranks(points, directions), dtype=np.int64)
+    beaten_by = tuple(dominated_by(own, points[:me], directions))
     if n < max(reduction_factor, min_reports):
-        return RungDecision(False, 0, n, n, ranks[me], beaten_by)
+        return RungDecision(False, 0, n, n, int(ranks[me]), beaten_by)
     keep = max(1, math.ceil(n / reduction_factor))
     position = _position(points, ranks, me, directions)
     stop = position >= keep and not (keep_front and not beaten_by)
-    return RungDecision(stop, position, n, keep, ranks[me], beaten_by)
+    return RungDecision(stop, position, n, keep, int(ranks[me]), beaten_by)

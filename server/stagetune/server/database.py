@@ -62,6 +62,15 @@ def open_database(url: str) -> optuna.storages.RDBStorage:
     says what is wrong with it and what to use instead."""
     shown = redact_text(url)
     try:
+        parsed = sqlalchemy.make_url(url)
+        parsed.get_dialect()  # ArgumentError when SQLAlchemy knows no such database
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise InvalidArgument(
+                "storage_url",
+                f"{shown!r} is a {backend} database; stagetune stores studies in "
+                "PostgreSQL (postgresql+psycopg://USER@HOST:5432/DB) or SQLite",
+            )
         return rdb.open_storage(url)
     except sqlalchemy.exc.ArgumentError:
         problem = f"{shown!r} is not a database URL SQLAlchemy knows"

@@ -133,13 +133,8 @@ class OptunaPolicy(Policy):
         if not objectives:
             return False, ""
         names = [o.metric for o in objectives]
-        others: list[list[float]] = []
-        other_ids: list[int] = []
         # Infeasible trials (outside the constraints) are not rivals.
-        for trial_id, reported in self._store.rung_metrics(spec.name, step):
-            if trial_id != trial.trial_id and set(names) <= set(reported):
-                others.append([reported[n] for n in names])
-                other_ids.append(trial_id)
+        other_ids, others = self._store.rung_rivals(spec.name, step, names, trial.trial_id)
         own = [metrics[n] for n in names]
         directions = [o.direction for o in objectives]
         fidelity = spec.fidelity

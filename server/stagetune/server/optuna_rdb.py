@@ -30,13 +30,15 @@ import inspect
 import json
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import optuna
 import sqlalchemy
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 import sqlalchemy.orm
-from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.distributions import BaseDistribution, distribution_to_json, json_to_distribution
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb import storage as rdb_storage
@@ -65,6 +67,7 @@ __all__ = [
     "trials_with_attr",
     "complete_values",
     "trial_attr",
+    "get_trial",
     "insert_running_trial",
     "set_trial_attrs",
     "finish_trial",
@@ -180,12 +183,25 @@ INTERNALS: tuple[Internal, ...] = (
     _call("models.TrialModel.find_or_raise_by_id", "trial_id", "session", for_update="True"),
     _call("models.TrialModel.count_past_trials", "self", "session"),
     _call("models.TrialValueModel.stored_repr_to_value", "value", "float_type"),
+    _call(
+        "models.TrialIntermediateValueModel.stored_repr_to_intermediate_value",
+        *("value", "float_type"),
+    ),
+    _call("models.TrialIntermediateValueModel.intermediate_value_to_stored_repr", "value"),
+    _call("storage.RDBStorage.check_trial_is_updatable", "self", "trial_id", "trial_state"),
     _columns(
         "TrialModel",
-        *("trial_id", "study_id", "number", "state"),
+        *("trial_id", "study_id", "number", "state", "datetime_start", "datetime_complete"),
         properties=("datetime_start", "datetime_complete"),
     ),
-    _columns("TrialParamModel", "trial_id", "param_name", "param_value", "distribution_json"),
+    _columns(
+        "TrialParamModel",
+        *("param_id", "trial_id", "param_name", "param_value", "distribution_json"),
+    ),
+    _columns(
+        "TrialIntermediateValueModel",
+        *("trial_id", "step", "intermediate_value", "intermediate_value_type"),
+    ),
     _columns("TrialValueModel", "trial_id", "objective", "value", "value_type"),
     _columns("StudyUserAttributeModel", "study_id", "key", "value_json"),
     _columns("TrialUserAttributeModel", "trial_user_attribute_id", "trial_id", "key", "value_json"),
@@ -445,6 +461,67 @@ def trial_attr(storage: RDBStorage, trial: int, key: str) -> Any:
     return None if value is None else json.loads(value)
 
 
+def _local_naive(utc: datetime | None) -> datetime | None:
+    """A stored naive-UTC time as Optuna's ``TrialModel`` properties give it: naive local."""
+    return None if utc is None else utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
+
+
+def get_trial(storage: RDBStorage, trial: int) -> FrozenTrial:
+    """The trial as Optuna's ``RDBStorage.get_trial`` returns it (``KeyError`` when there is
+    none), in six plain queries on one connection: Optuna's goes through the ORM, one lazy
+    load per part, and cost ~2 ms of a rung report's ~12 at 2,000 trials."""
+    tt = models.TrialModel.__table__.c
+    p, v = models.TrialParamModel, models.TrialValueModel
+    ua, sa = models.TrialUserAttributeModel, models.TrialSystemAttributeModel
+    iv = models.TrialIntermediateValueModel
+    head = sqlalchemy.select(tt.number, tt.state, tt.datetime_start, tt.datetime_complete)
+    with storage.engine.connect() as conn:
+        row = conn.execute(head.where(tt.trial_id == trial)).one_or_none()
+        if row is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        params = conn.execute(
+            sqlalchemy.select(p.param_name, p.param_value, p.distribution_json)
+            .where(p.trial_id == trial)
+            .order_by(p.param_id)
+        ).all()
+        stored = conn.execute(
+            sqlalchemy.select(v.objective, v.value, v.value_type).where(v.trial_id == trial)
+        ).all()
+        user = conn.execute(sqlalchemy.select(ua.key, ua.value_json).where(ua.trial_id == trial))
+        user_attrs = {key: json.loads(value) for key, value in user}
+        system = conn.execute(sqlalchemy.select(sa.key, sa.value_json).where(sa.trial_id == trial))
+        system_attrs = {key: json.loads(value) for key, value in system}
+        steps = conn.execute(
+            sqlalchemy.select(iv.step, iv.intermediate_value, iv.intermediate_value_type).where(
+                iv.trial_id == trial
+            )
+        )
+        intermediate = {
+            int(step): iv.stored_repr_to_intermediate_value(value, kind)
+            for step, value, kind in steps
+        }
+    values: list[float] | None = None
+    if stored:
+        values = [0.0] * len(stored)
+        for objective, value, kind in stored:
+            values[objective] = v.stored_repr_to_value(value, kind)
+    dists = {name: json_to_distribution(d) for name, _, d in params}
+    return FrozenTrial(
+        number=row.number,
+        state=row.state,
+        value=None,
+        values=values,
+        datetime_start=_local_naive(row.datetime_start),
+        datetime_complete=_local_naive(row.datetime_complete),
+        params={name: dists[name].to_external_repr(value) for name, value, _ in params},
+        distributions=dists,
+        user_attrs=user_attrs,
+        system_attrs=system_attrs,
+        intermediate_values=intermediate,
+        trial_id=trial,
+    )
+
+
 # ------------------------------------------------------------------ writes
 
 
@@ -499,17 +576,54 @@ def insert_running_trial(
         return new_id, int(row.number)
 
 
-def set_trial_attrs(storage: RDBStorage, trial: int, attrs: Mapping[str, Any]) -> None:
-    """Write the trial's user attributes in one transaction (all or none). A finished
-    trial is frozen, as in Optuna: ``UpdateFinishedTrialError``, nothing written. The
-    trial's row is locked first (PostgreSQL), so a finish by another server replica cannot
-    land between the check and the write."""
-    with _create_scoped_session(storage.scoped_session) as session:
-        models.TrialModel.find_or_raise_by_id(trial, session, for_update=True)
-        for key, value in attrs.items():
-            storage._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial, key, value
-            )
+def _upsert(storage: RDBStorage, model: Any, index: list[Any], rows: list[dict[str, Any]]) -> Any:
+    """INSERT ... ON CONFLICT (``index``) DO UPDATE of the other columns, for SQLite and
+    PostgreSQL (the databases the server runs on: ``database.open_database``)."""
+    insert: Any
+    if storage.engine.name == "postgresql":
+        insert = sqlalchemy.dialects.postgresql.insert(model).values(rows)
+    else:
+        insert = sqlalchemy.dialects.sqlite.insert(model).values(rows)
+    names = {c.name for c in index}
+    update = {k: insert.excluded[k] for k in rows[0] if k not in names}
+    return insert.on_conflict_do_update(index_elements=index, set_=update)
+
+
+def set_trial_attrs(
+    storage: RDBStorage,
+    trial: int,
+    attrs: Mapping[str, Any],
+    intermediate: tuple[int, float] | None = None,
+) -> None:
+    """Write the trial's user attributes, and the intermediate value (step, value) if
+    given, in one transaction (all or none). A finished trial is frozen, as in Optuna:
+    ``UpdateFinishedTrialError``, nothing written. The trial's row is locked first
+    (PostgreSQL), so a finish by another server replica cannot land between the check and
+    the write. Plain statements, one upsert per table: Optuna's ORM path re-reads the
+    trial for each attribute (~3 ms of a rung report at 2,000 trials)."""
+    tt = models.TrialModel.__table__.c
+    ua, iv = models.TrialUserAttributeModel, models.TrialIntermediateValueModel
+    check = sqlalchemy.select(tt.state).where(tt.trial_id == trial).with_for_update()
+    with storage.engine.begin() as conn:
+        state = conn.execute(check).scalar_one_or_none()
+        if state is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        storage.check_trial_is_updatable(trial, state)
+        if attrs:
+            rows = [
+                {"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
+            ]
+            conn.execute(_upsert(storage, ua, [ua.trial_id, ua.key], rows))
+        if intermediate is not None:
+            step, value = intermediate
+            stored, kind = iv.intermediate_value_to_stored_repr(value)
+            row = {
+                "trial_id": trial,
+                "step": step,
+                "intermediate_value": stored,
+                "intermediate_value_type": kind,
+            }
+            conn.execute(_upsert(storage, iv, [iv.trial_id, iv.step], [row]))
 
 
 def finish_trial(

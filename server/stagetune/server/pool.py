@@ -410,7 +410,7 @@ class SuggestionPool:
         if mirror_id is not None and completed is not None:
             self._finish(mirror, mirror_id, TrialState.COMPLETE, *completed)
             return
-        t = self._store.optuna_storage.get_trial(db_id)
+        t = rdb.get_trial(self._store.optuna_storage, db_id)
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             return
         if mirror_id is None:

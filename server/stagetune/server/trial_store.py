@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -66,22 +68,64 @@ def trial_state(t: FrozenTrial) -> TrialStateName:
 @dataclass
 class _RungReports:
     """One rung of one study as last read: its reports, the infeasible trials, and the
-    highest attribute row id read."""
+    highest attribute row id read; and, per set of metric names asked for, the reports
+    that carry them all as one matrix, extended as reports arrive."""
 
     reports: dict[int, dict[str, float]] = field(default_factory=dict)
     excluded: set[int] = field(default_factory=set)
     last_row: int = 0
+    arrived: list[int] = field(default_factory=list)  # trial ids in the order read
+    matrices: dict[tuple[str, ...], _RungMatrix] = field(default_factory=dict)
 
     def add(self, rows: list[tuple[int, int, str, Any]]) -> None:
         for row, trial_id, key, value in rows:
             if key == at.INFEASIBLE:
                 self.excluded.add(trial_id)
             else:
+                if trial_id in self.reports:  # rewritten: the matrices are rebuilt
+                    self.arrived.remove(trial_id)
+                    self.matrices.clear()
                 self.reports[trial_id] = dict(value.get("metrics", {}))
+                self.arrived.append(trial_id)
             self.last_row = max(self.last_row, row)
 
     def rows(self) -> int:
         return len(self.reports) + len(self.excluded)
+
+    def rivals(
+        self, names: tuple[str, ...], without: int
+    ) -> tuple[list[int], npt.NDArray[np.float64]]:
+        """(trial ids, their ``names`` values as rows) of the feasible reports that carry
+        every one of ``names``, trial ``without`` left out, in trial id order."""
+        matrix = self.matrices.setdefault(names, _RungMatrix(len(names)))
+        matrix.extend(self.arrived, self.reports, names)
+        ids, values = matrix.ids, matrix.values
+        keep = ids != without
+        if self.excluded:
+            keep &= ~np.isin(ids, np.fromiter(self.excluded, dtype=np.int64))
+        ids, values = ids[keep], values[keep]
+        order = np.argsort(ids, kind="stable")
+        return ids[order].tolist(), values[order]
+
+
+class _RungMatrix:
+    """The reports of a rung that carry a given set of metrics, as arrays grown in place:
+    a decision at 10,000 reports reads them without a Python loop over every report."""
+
+    def __init__(self, width: int) -> None:
+        self.consumed = 0  # reports of ``arrived`` looked at
+        self.ids = np.empty(0, dtype=np.int64)
+        self.values = np.empty((0, width), dtype=np.float64)
+
+    def extend(
+        self, arrived: list[int], reports: dict[int, dict[str, float]], names: tuple[str, ...]
+    ) -> None:
+        new = [i for i in arrived[self.consumed :] if all(n in reports[i] for n in names)]
+        self.consumed = len(arrived)
+        if new:
+            rows = np.array([[reports[i][n] for n in names] for i in new], dtype=np.float64)
+            self.ids = np.concatenate([self.ids, np.array(new, dtype=np.int64)])
+            self.values = np.concatenate([self.values, rows.reshape(len(new), len(names))])
 
 
 class TrialStore(abc.ABC):
@@ -89,7 +133,7 @@ class TrialStore(abc.ABC):
 
     optuna_storage: RDBStorage
     _trial_study: dict[int, str]  # study name by trial id: trials never move
-    _rungs: dict[tuple[int, int], _RungReports]  # by (study id, step): rung_metrics' cache
+    _rungs: dict[tuple[int, int], _RungReports]  # by (study id, step): rung_rivals' cache
     _rungs_lock: threading.Lock
 
     @abc.abstractmethod
@@ -142,7 +186,7 @@ class TrialStore(abc.ABC):
     @storage_errors
     def trial(self, trial_id: int) -> TrialRecord:
         try:
-            t = self.optuna_storage.get_trial(trial_id)
+            t = rdb.get_trial(self.optuna_storage, trial_id)
         except KeyError:
             raise NotFound(f"trial {trial_id} not found") from None
         return self._trial_record(str(t.user_attrs.get(at.STUDY, "")), t)
@@ -183,24 +227,29 @@ class TrialStore(abc.ABC):
         return [(i, v) for i, v in sorted(values.items()) if i not in excluded]
 
     @storage_errors
-    def rung_metrics(self, name: str, step: int) -> list[tuple[int, dict[str, float]]]:
-        """(trial id, metrics) of every trial of the study that reported at ``step``,
-        infeasible ones excluded: what MO-ASHA ranks a rung report against.
+    def rung_rivals(
+        self, name: str, step: int, metrics: Sequence[str], without: int
+    ) -> tuple[list[int], npt.NDArray[np.float64]]:
+        """What MO-ASHA ranks a rung report against: (trial ids, values as rows) of the
+        study's trials that reported every one of ``metrics`` at ``step``, infeasible
+        ones and trial ``without`` excluded, in trial id order."""
+        with self._rungs_lock:
+            return self._rung(name, step).rivals(tuple(metrics), without)
 
-        Read incrementally: the rows added since the last read (by row id), then a count
-        of them all; when the count disagrees (a row another writer committed out of id
-        order), everything is read again. At 10,000 reports a decision reads a few rows
-        and counts, instead of decoding every report.
-        """
+    def _rung(self, name: str, step: int) -> _RungReports:
+        """The rung as it stands, read incrementally (under ``_rungs_lock``): the rows
+        added since the last read (by row id), then a count of them all; when the count
+        disagrees (a row another writer committed out of id order), everything is read
+        again. At 10,000 reports a decision reads a few rows and counts, instead of
+        decoding every report."""
         keys = [at.rung_key(step), at.INFEASIBLE]
         storage, study = self.optuna_storage, self._study_id(name)
-        with self._rungs_lock:
-            seen = self._rungs.setdefault((study, step), _RungReports())
-            seen.add(rdb.trial_attrs_after(storage, study, keys, seen.last_row))
-            if rdb.count_trial_attrs(storage, study, keys) != seen.rows():
-                seen = self._rungs[study, step] = _RungReports()
-                seen.add(rdb.trial_attrs_after(storage, study, keys, 0))
-            return [(i, m) for i, m in sorted(seen.reports.items()) if i not in seen.excluded]
+        seen = self._rungs.setdefault((study, step), _RungReports())
+        seen.add(rdb.trial_attrs_after(storage, study, keys, seen.last_row))
+        if rdb.count_trial_attrs(storage, study, keys) != seen.rows():
+            seen = self._rungs[study, step] = _RungReports()
+            seen.add(rdb.trial_attrs_after(storage, study, keys, 0))
+        return seen
 
     @storage_errors
     def device_seconds(self, name: str, rung_steps: Iterable[int]) -> float:
@@ -264,7 +313,7 @@ class TrialStore(abc.ABC):
     def hold_queued(self, trial_id: int, study_name: str, lease: TrialLease) -> TrialRecord:
         """A queued trial just started: record its holder (and, for a seed queued without
         them, its study and first attempt)."""
-        existing = self.optuna_storage.get_trial(trial_id).user_attrs
+        existing = rdb.get_trial(self.optuna_storage, trial_id).user_attrs
         attrs: dict[str, Any] = {at.STUDY: study_name}
         if at.ATTEMPT not in existing:
             attrs[at.ATTEMPT] = 1
@@ -284,19 +333,19 @@ class TrialStore(abc.ABC):
         request: RequestAnswer | None,
     ) -> None:
         """A rung report's writes in one transaction: the renewed lease, the rung (None:
-        already recorded) and the answer to the request. Then the rung's primary metric
-        (the first objective's), when reported, is also the trial's Optuna intermediate
-        value at that step (Optuna keeps one value per step), so optuna-dashboard shows the
-        rungs; the whole report is the user attribute."""
+        already recorded) and the answer to the request. The rung's primary metric (the
+        first objective's), when reported, is also the trial's Optuna intermediate value at
+        that step (Optuna keeps one value per step), so optuna-dashboard shows the rungs;
+        the whole report is the user attribute."""
         attrs: dict[str, Any] = {at.LEASE: lease_expires}
+        intermediate = None
         if rung is not None:
             attrs[at.rung_key(rung.step)] = at.rung_value(rung.metrics, _now())
+            if rung.primary in rung.metrics:
+                intermediate = (rung.step, rung.metrics[rung.primary])
         if request is not None:
             attrs |= at.request_attrs(request)
-        rdb.set_trial_attrs(self.optuna_storage, trial_id, attrs)
-        if rung is not None and rung.primary in rung.metrics:
-            value = rung.metrics[rung.primary]
-            self.optuna_storage.set_trial_intermediate_value(trial_id, rung.step, value)
+        rdb.set_trial_attrs(self.optuna_storage, trial_id, attrs, intermediate)
 
     @storage_errors
     def record_request(self, trial_id: int, request: RequestAnswer) -> None:
