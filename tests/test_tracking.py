@@ -155,3 +155,53 @@ def test_a_front_view_older_than_the_latest_completion_is_never_written(
     older, newer = views
     assert older() is None  # type: ignore[operator]
     assert [t.pareto_rank for t in newer()] == [2, 1]  # type: ignore[operator]
+
+
+_CI_MARKERS = (
+    "PYTEST_CURRENT_TEST",
+    "CI",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "BUILDKITE",
+)
+
+
+_CLI = (
+    "from stagetune.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "user_setting", "telemetry_on"),
+    [
+        ("import stagetune.server.tracking", None, False),  # the server
+        (_CLI, None, False),  # any command: serve, worker (and the trials it starts), demo
+        ("import stagetune.server.tracking", "false", True),  # a user who asks keeps it
+    ],
+)
+def test_mlflow_telemetry_is_off_in_stagetune_processes_unless_the_user_turns_it_on(
+    first: str, user_setting: str | None, telemetry_on: bool
+) -> None:
+    """MLflow 3 starts a telemetry client when imported (a thread that fetches a config
+    from config.mlflow-telemetry.io, then posts usage events). MLflow itself skips it
+    under pytest or CI, so the check runs in a child process without those markers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in _CI_MARKERS}
+    env.pop("MLFLOW_DISABLE_TELEMETRY", None)
+    if user_setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = user_setting
+    code = (
+        f"{first}\nimport mlflow\n"
+        "from mlflow.telemetry import get_telemetry_client\n"
+        "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+        "print(is_telemetry_disabled(), get_telemetry_client() is not None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(not telemetry_on), str(telemetry_on)]

@@ -27,6 +27,7 @@ from stagetune.cli.pipeline import add_pipeline_parser
 from stagetune.cli.render import STUDY_STATE, render_pareto, render_status, render_trial_log
 from stagetune.contract.client import DEFAULT_ADDRESS, StudyClient, health_check
 from stagetune.contract.errors import InvalidArgument, StagetuneError
+from stagetune.contract.mlflow_layout import no_telemetry
 from stagetune.contract.packaged import example_configs, packaged_example
 from stagetune.contract.redact import RedactingFilter
 from stagetune.contract.spec import load_spec_file
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    no_telemetry()  # for mlflow in this process and every one it starts
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

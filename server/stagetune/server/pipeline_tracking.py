@@ -23,9 +23,12 @@ from stagetune.contract.mlflow_layout import (
     PIPELINE_EXPERIMENT,
     TRIAL_ID_TAG,
     experiment_name,
+    no_telemetry,
 )
 from stagetune.contract.redact import redact_text
 from stagetune.server.pipeline_records import PipelineView
+
+no_telemetry()  # before mlflow is imported (contract/mlflow_layout.py says why)
 
 __all__ = [
     "PipelineTracker",

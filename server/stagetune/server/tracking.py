@@ -32,10 +32,13 @@ from urllib.parse import urlsplit
 from google.protobuf import json_format
 
 from stagetune.contract.errors import InvalidArgument
+from stagetune.contract.mlflow_layout import no_telemetry
 from stagetune.contract.redact import redact, redact_text
 from stagetune.contract.spec import StudySpec, spec_to_proto
 from stagetune.server.front_artifacts import plot_front, write_front_csv
 from stagetune.server.records import TrialRecord
+
+no_telemetry()  # before mlflow is imported (contract/mlflow_layout.py says why)
 
 __all__ = ["Tracker", "NullTracker", "MlflowTracker", "local_artifact_root"]
 

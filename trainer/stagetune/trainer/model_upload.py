@@ -32,6 +32,7 @@ from stagetune.contract.mlflow_layout import (
     MODEL_ARTIFACT,
     TRIAL_ID_TAG,
     experiment_name,
+    no_telemetry,
 )
 from stagetune.contract.spec import DataSource, RunnerSettings
 from stagetune.trainer.assignment import Assignment
@@ -119,6 +120,7 @@ def upload_saved_model(
     if not uri:
         _log.info("trial %d: no MLFLOW_TRACKING_URI; the saved model stays local", a.trial_id)
         return None
+    no_telemetry()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

@@ -66,6 +66,9 @@ def resolve_model_path(model: ModelSource, cache: Path) -> str:
     name = model.name_or_path
     if name is None or not name.startswith(_URI_SCHEMES):
         return ensure_model(model.as_mapping(), cache)
+    from stagetune.contract.mlflow_layout import no_telemetry
+
+    no_telemetry()
     import mlflow
 
     key = hashlib.sha256(name.encode()).hexdigest()[:16]
