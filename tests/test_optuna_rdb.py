@@ -72,18 +72,18 @@ def test_every_private_optuna_name_the_server_uses_still_holds(storage: RDBStora
 def test_a_changed_internal_is_named_and_stops_the_server_before_it_writes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object
 ) -> None:
-    def renamed(self: object, session: object, model: object, trial: int, key: str) -> None:
-        """As if a release dropped the value argument."""
+    def renamed(self: object, trial_id: int) -> None:
+        """As if a release dropped the state argument."""
 
-    monkeypatch.setattr(RDBStorage, "_set_trial_attr_without_commit", renamed)
-    monkeypatch.delattr(models.TrialModel, "count_past_trials")
+    monkeypatch.setattr(RDBStorage, "check_trial_is_updatable", renamed)
+    monkeypatch.delattr(models.TrialValueModel, "value_to_stored_repr")
     with pytest.raises(RuntimeError) as err:
         rdb.open_storage(f"sqlite:///{tmp_path}/x.db")
     message = str(err.value)
-    assert "RDBStorage._set_trial_attr_without_commit(self, session, model_cls" in message
-    assert "models.TrialModel.count_past_trials(self, session) is gone" in message
+    assert "RDBStorage.check_trial_is_updatable(self, trial_id, trial_state)" in message
+    assert "models.TrialValueModel.value_to_stored_repr(value) is gone" in message
     assert f"optuna {optuna.__version__}" in message
-    assert "find_or_raise_by_id" not in message  # only what changed is named
+    assert "stored_repr_to_value" not in message  # only what changed is named
 
 
 def test_a_lost_column_is_named(monkeypatch: pytest.MonkeyPatch, storage: RDBStorage) -> None:

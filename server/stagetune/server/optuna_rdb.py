@@ -4,11 +4,13 @@ The server reads and writes Optuna's RDB tables itself where the public storage 
 a query per attribute or has no such query: trial counts by state in one aggregate, a
 trial inserted with its params and attributes in three bulk statements, a trial's
 attributes, values and state written in one transaction, attribute lookups by key across
-a study. That needs names Optuna keeps private: the ORM models of
-``optuna.storages._rdb.models``, ``_create_scoped_session``,
-``RDBStorage._set_trial_*_without_commit``, ``RDBStorage.engine`` / ``scoped_session``,
-and the ids ``Study._study_id`` and ``FrozenTrial._trial_id``. No other module of the
-server uses any of them.
+a study. Its calls go through plain SQLAlchemy statements, built once with bound
+parameters, not Optuna's ORM sessions: at thousands of trials the ORM's per-object work
+was most of a worker call's cost. That needs names Optuna keeps private: the tables and
+columns of the models of ``optuna.storages._rdb.models`` and their stored-value
+converters, ``RDBStorage.check_trial_is_updatable`` and ``RDBStorage.engine``, and the
+ids ``Study._study_id`` and ``FrozenTrial._trial_id``. No other module of the server uses
+any of them.
 
 ``INTERNALS`` names each with what this module relies on (a call's shape, a model's
 columns, an attribute); ``internals_problems()`` checks them against the installed Optuna.
@@ -43,7 +45,6 @@ from optuna.distributions import BaseDistribution, distribution_to_json, json_to
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb import storage as rdb_storage
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
@@ -171,19 +172,8 @@ def _a_frozen_study(_: object) -> FrozenStudy:
 
 
 INTERNALS: tuple[Internal, ...] = (
-    _call("storage._create_scoped_session", "scoped_session"),
-    _call(
-        "storage.RDBStorage._set_trial_attr_without_commit",
-        *("self", "session", "model_cls", "trial_id", "key", "value"),
-    ),
-    _call(
-        "storage.RDBStorage._set_trial_value_without_commit",
-        *("self", "session", "trial", "objective", "value"),
-    ),
-    _call("models.StudyModel.find_or_raise_by_id", "study_id", "session", for_update="True"),
-    _call("models.TrialModel.find_or_raise_by_id", "trial_id", "session", for_update="True"),
-    _call("models.TrialModel.count_past_trials", "self", "session"),
     _call("models.TrialValueModel.stored_repr_to_value", "value", "float_type"),
+    _call("models.TrialValueModel.value_to_stored_repr", "value"),
     _call(
         "models.TrialIntermediateValueModel.stored_repr_to_intermediate_value",
         *("value", "float_type"),
@@ -208,7 +198,6 @@ INTERNALS: tuple[Internal, ...] = (
     _columns("TrialUserAttributeModel", "trial_user_attribute_id", "trial_id", "key", "value_json"),
     _columns("TrialSystemAttributeModel", "trial_id", "key", "value_json"),
     _attribute("RDBStorage", "engine", lambda storage: storage),
-    _attribute("RDBStorage", "scoped_session", lambda storage: storage),
     _attribute("Study", "_study_id", _a_study),
     _attribute("Study", "_storage", _a_study),
     _attribute("Trial", "_trial_id", lambda _: _a_study().ask()),
@@ -595,68 +584,140 @@ def insert_running_trial(
     (trial id, number). Optuna's ``create_new_trial`` checks each param against earlier
     trials' distributions and writes each attribute with its own lookups (25 queries for
     a LoRA trial); the caller fixed the distributions, so the rows go in as three bulk
-    inserts."""
-    with _create_scoped_session(storage.scoped_session) as session:
-        models.StudyModel.find_or_raise_by_id(study, session, for_update=True)
-        row = models.TrialModel(
-            study_id=study, number=None, state=TrialState.RUNNING, datetime_start=started
-        )
-        session.add(row)
-        session.flush()
-        new_id = int(row.trial_id)
-        if params:
-            session.execute(
-                sqlalchemy.insert(models.TrialParamModel),
-                [
-                    {
-                        "trial_id": new_id,
-                        "param_name": k,
-                        "param_value": distributions[k].to_internal_repr(v),
-                        "distribution_json": distribution_to_json(distributions[k]),
-                    }
-                    for k, v in params.items()
-                ],
-            )
-        for model, attrs in (
-            (models.TrialUserAttributeModel, user_attrs),
-            (models.TrialSystemAttributeModel, system_attrs),
-        ):
-            if attrs:
-                session.execute(
-                    sqlalchemy.insert(model),
-                    [
-                        {"trial_id": new_id, "key": k, "value_json": json.dumps(v)}
-                        for k, v in attrs.items()
-                    ],
-                )
-        row.number = row.count_past_trials(session)
-        return new_id, int(row.number)
+    inserts, in plain statements built once (the ORM's way cost ~3.5 ms a trial)."""
+    q = _inserts()
+    rows = {
+        q.params: [
+            {
+                "trial_id": 0,
+                "param_name": k,
+                "param_value": distributions[k].to_internal_repr(v),
+                "distribution_json": distribution_to_json(distributions[k]),
+            }
+            for k, v in params.items()
+        ],
+        q.user_attr: [
+            {"trial_id": 0, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()
+        ],
+        q.system_attr: [
+            {"trial_id": 0, "key": k, "value_json": json.dumps(v)} for k, v in system_attrs.items()
+        ],
+    }
+    start = started.astimezone(UTC).replace(tzinfo=None)  # Optuna stores naive UTC
+    with storage.engine.begin() as conn:
+        # The study's row locked (PostgreSQL): trial numbers are counted, as Optuna does.
+        if conn.execute(q.study_lock, {"study": study}).scalar_one_or_none() is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        inserted = conn.execute(q.trial, {"study_id": study, "start": start})
+        new_id = int(inserted.inserted_primary_key[0])  # type: ignore[index]
+        for statement, batch in rows.items():
+            if batch:
+                conn.execute(statement, [r | {"trial_id": new_id} for r in batch])
+        number = int(conn.execute(q.past, {"study": study, "trial": new_id}).scalar_one())
+        conn.execute(q.number, {"trial": new_id, "new_number": number})
+    return new_id, number
+
+
+@dataclass(frozen=True)
+class _Inserts:
+    """The statements of ``insert_running_trial``."""
+
+    study_lock: Any
+    trial: Any
+    params: Any
+    user_attr: Any
+    system_attr: Any
+    past: Any  # trials of the study before this one: its number
+    number: Any
 
 
 @functools.cache
-def _upserts(dialect: str) -> tuple[Any, Any, Any]:
-    """The trial's state locked for the write (PostgreSQL), and INSERT ... ON CONFLICT DO
-    UPDATE of a user attribute and of an intermediate value, in the ``dialect``'s form
-    (SQLite or PostgreSQL: the databases the server runs on, ``database.open_database``)."""
+def _inserts() -> _Inserts:
+    st, tt = models.StudyModel.__table__.c, models.TrialModel.__table__
+    return _Inserts(
+        study_lock=sqlalchemy.select(st.study_id)
+        .where(st.study_id == _b("study"))
+        .with_for_update(),
+        trial=sqlalchemy.insert(tt).values(
+            study_id=_b("study_id"),
+            number=None,
+            state=TrialState.RUNNING,
+            datetime_start=_b("start"),
+        ),
+        params=sqlalchemy.insert(models.TrialParamModel),
+        user_attr=sqlalchemy.insert(models.TrialUserAttributeModel),
+        system_attr=sqlalchemy.insert(models.TrialSystemAttributeModel),
+        past=sqlalchemy.select(sqlalchemy.func.count())
+        .select_from(tt)
+        .where(tt.c.study_id == _b("study"), tt.c.trial_id < _b("trial")),
+        number=sqlalchemy.update(tt)
+        .where(tt.c.trial_id == _b("trial"))
+        .values(number=_b("new_number")),
+    )
+
+
+@dataclass(frozen=True)
+class _Writes:
+    """The statements of a trial's writes, in one dialect's form."""
+
+    lock: Any  # the trial's state, its row locked for the write (PostgreSQL)
+    attr: Any  # upsert of a user attribute
+    step: Any  # upsert of an intermediate value
+    value: Any  # upsert of an objective value
+    finish: Any  # the trial's state and end time
+
+
+@functools.cache
+def _writes(dialect: str) -> _Writes:
+    """``_Writes`` for ``dialect``: INSERT ... ON CONFLICT DO UPDATE is SQLite's and
+    PostgreSQL's (the databases the server runs on: ``database.open_database``)."""
     tt = models.TrialModel.__table__.c
-    check = sqlalchemy.select(tt.state).where(tt.trial_id == _b("trial")).with_for_update()
+    lock = sqlalchemy.select(tt.state).where(tt.trial_id == _b("trial")).with_for_update()
     dml: Any = (
         sqlalchemy.dialects.postgresql if dialect == "postgresql" else sqlalchemy.dialects.sqlite
     )
+
+    def upsert(model: Any, *unique: Any) -> Any:
+        insert = dml.insert(model)
+        names = {c.key for c in unique}
+        columns = [c for c in model.__table__.c if c.key not in names and not c.primary_key]
+        return insert.on_conflict_do_update(
+            index_elements=list(unique), set_={c.key: insert.excluded[c.key] for c in columns}
+        )
+
     ua, iv = models.TrialUserAttributeModel, models.TrialIntermediateValueModel
-    attr = dml.insert(ua)
-    attr = attr.on_conflict_do_update(
-        index_elements=[ua.trial_id, ua.key], set_={"value_json": attr.excluded.value_json}
+    v = models.TrialValueModel
+    finish = (
+        sqlalchemy.update(models.TrialModel.__table__)
+        .where(tt.trial_id == _b("trial"))
+        .values(state=_b("new_state"), datetime_complete=_b("done"))
     )
-    step = dml.insert(iv)
-    step = step.on_conflict_do_update(
-        index_elements=[iv.trial_id, iv.step],
-        set_={
-            "intermediate_value": step.excluded.intermediate_value,
-            "intermediate_value_type": step.excluded.intermediate_value_type,
-        },
+    return _Writes(
+        lock,
+        upsert(ua, ua.trial_id, ua.key),
+        upsert(iv, iv.trial_id, iv.step),
+        upsert(v, v.trial_id, v.objective),
+        finish,
     )
-    return check, attr, step
+
+
+def _lock_updatable(conn: sqlalchemy.Connection, storage: RDBStorage, trial: int) -> None:
+    """Lock the trial's row for this transaction; ``KeyError`` when there is no such
+    trial, ``UpdateFinishedTrialError`` when it is finished (Optuna's rule)."""
+    state = conn.execute(_writes(storage.engine.name).lock, {"trial": trial}).scalar_one_or_none()
+    if state is None:
+        raise KeyError(models.NOT_FOUND_MSG)
+    storage.check_trial_is_updatable(trial, state)
+
+
+def _write_attrs(
+    conn: sqlalchemy.Connection, storage: RDBStorage, trial: int, attrs: Mapping[str, Any]
+) -> None:
+    if attrs:
+        rows = [
+            {"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
+        ]
+        conn.execute(_writes(storage.engine.name).attr, rows)
 
 
 def set_trial_attrs(
@@ -671,18 +732,10 @@ def set_trial_attrs(
     (PostgreSQL), so a finish by another server replica cannot land between the check and
     the write. Plain statements, one upsert per table: Optuna's ORM path re-reads the
     trial for each attribute (~3 ms of a rung report at 2,000 trials)."""
-    check, attr, step = _upserts(storage.engine.name)
     iv = models.TrialIntermediateValueModel
     with storage.engine.begin() as conn:
-        state = conn.execute(check, {"trial": trial}).scalar_one_or_none()
-        if state is None:
-            raise KeyError(models.NOT_FOUND_MSG)
-        storage.check_trial_is_updatable(trial, state)
-        if attrs:
-            rows = [
-                {"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
-            ]
-            conn.execute(attr, rows)
+        _lock_updatable(conn, storage, trial)
+        _write_attrs(conn, storage, trial, attrs)
         if intermediate is not None:
             stored, kind = iv.intermediate_value_to_stored_repr(intermediate[1])
             row = {
@@ -691,7 +744,7 @@ def set_trial_attrs(
                 "intermediate_value": stored,
                 "intermediate_value_type": kind,
             }
-            conn.execute(step, row)
+            conn.execute(_writes(storage.engine.name).step, row)
 
 
 def finish_trial(
@@ -704,15 +757,20 @@ def finish_trial(
 ) -> None:
     """End a running trial: user attributes, objective values and state in one
     transaction, so a crash leaves all of it or none. A finished trial:
-    ``UpdateFinishedTrialError``, nothing written."""
-    with _create_scoped_session(storage.scoped_session) as session:
-        row = models.TrialModel.find_or_raise_by_id(trial, session, for_update=True)
-        storage.check_trial_is_updatable(trial, row.state)  # type: ignore[arg-type]
-        for key, value in attrs.items():
-            storage._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial, key, value
-            )
-        for objective, v in enumerate(values):
-            storage._set_trial_value_without_commit(session, row, objective, v)
-        row.state = state
-        row.datetime_complete = completed
+    ``UpdateFinishedTrialError``, nothing written. Plain statements, as
+    ``set_trial_attrs``: the ORM's way cost ~3.5 ms a finish at 3,000 trials."""
+    v = models.TrialValueModel
+    writes = _writes(storage.engine.name)
+    with storage.engine.begin() as conn:
+        _lock_updatable(conn, storage, trial)
+        _write_attrs(conn, storage, trial, attrs)
+        if values:
+            rows = []
+            for objective, value in enumerate(values):
+                stored, kind = v.value_to_stored_repr(value)
+                rows.append(
+                    {"trial_id": trial, "objective": objective, "value": stored, "value_type": kind}
+                )
+            conn.execute(writes.value, rows)
+        done = completed.astimezone(UTC).replace(tzinfo=None)  # Optuna stores naive UTC
+        conn.execute(writes.finish, {"trial": trial, "new_state": state, "done": done})
