@@ -28,29 +28,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from open_loop import FULL, RUNG, _database
+from open_loop import RUNG, _database, bench_spec
 from results_file import provenance, write_results
 from service_throughput import _values
 
-from stagetune.contract.spec import BudgetSpec, FidelitySpec, load_spec_file
 from stagetune.contract.spec.model import SamplerConfig
 from stagetune.server.app import ServerSettings, make_server
 
-ROOT = Path(__file__).resolve().parent.parent
 CALLS = ("acquire", "report", "complete")
 
 
 def measure(url: str, tmp: Path, n: int, workers: int) -> list[tuple[int, str, float]]:
     """(trials finished so far, call, seconds) of every call of an n-trial study."""
-    spec = load_spec_file(ROOT / "configs" / "lora.yaml")
-    spec = dataclasses.replace(
-        spec,
-        name="bench",
-        budget=BudgetSpec(n, 0),
-        early_stopping="mo_asha",
-        fidelity=FidelitySpec(min_steps=RUNG, max_steps=FULL, reduction_factor=2),
-        sampler=SamplerConfig(kind="random", seed=0),
-    )
+    spec = dataclasses.replace(bench_spec(n), sampler=SamplerConfig(kind="random", seed=0))
     server = make_server(ServerSettings(port=0, data_dir=tmp, storage_url=url, tracking_uri=""))
     server.service.create_study(spec)
     trials = server.trials

@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from results_file import provenance, write_results
 from service_throughput import (
@@ -63,6 +63,9 @@ from service_throughput import (
     optuna_study_storage,
     start_workers,
 )
+
+if TYPE_CHECKING:
+    from stagetune.contract.spec import StudySpec
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = [
@@ -247,22 +250,29 @@ def _mlflow_runs_ended(tracking: str) -> tuple[int, int]:
             return runs, ended
 
 
-def arm_stagetune(
-    kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str
-) -> dict[str, Any]:
-    from stagetune.contract.client import StudyClient
+def bench_spec(n: int) -> StudySpec:
+    """The study every stagetune arm runs: the lora config's space and objectives, n
+    trials, MO-ASHA with one rung at step RUNG of FULL, reduction factor 2."""
     from stagetune.contract.spec import BudgetSpec, FidelitySpec, load_spec_file
-    from stagetune.server.app import ServerSettings, make_server
-    from stagetune.server.optuna_policy import OptunaPolicy
 
     spec = load_spec_file(ROOT / "configs" / "lora.yaml")
-    spec = dataclasses.replace(
+    return dataclasses.replace(
         spec,
         name="bench",
         budget=BudgetSpec(n, 0),
         early_stopping="mo_asha",
         fidelity=FidelitySpec(min_steps=RUNG, max_steps=FULL, reduction_factor=2),
     )
+
+
+def arm_stagetune(
+    kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str
+) -> dict[str, Any]:
+    from stagetune.contract.client import StudyClient
+    from stagetune.server.app import ServerSettings, make_server
+    from stagetune.server.optuna_policy import OptunaPolicy
+
+    spec = bench_spec(n)
     with _database(kind, tmp, "st", admin) as storage, _database(kind, tmp, "ml", admin) as ml:
         tracking = ml
         settings = ServerSettings(port=0, data_dir=tmp, storage_url=storage, tracking_uri=tracking)
