@@ -243,6 +243,18 @@ def test_get_trial_is_optunas_get_trial_in_every_state(storage: RDBStorage, stud
         rdb.get_trial(storage, queued + 1000)
 
 
+def test_the_storage_indexes_trial_attributes_by_key_once(storage_url: str) -> None:
+    """Every worker call looks trial attributes up by key across a study; Optuna's schema
+    indexes them by trial only. Opening the storage adds the index, and opening it again
+    (a restart, a second replica) finds it there."""
+    for _ in range(2):
+        opened = rdb.open_storage(storage_url)
+        indexes = sqlalchemy.inspect(opened.engine).get_indexes("trial_user_attributes")
+        opened.engine.dispose()
+        ours = [i for i in indexes if i["name"] == "ix_stagetune_trial_attr_key"]
+        assert [i["column_names"] for i in ours] == [["key", "trial_user_attribute_id"]]
+
+
 def test_ids_of_optuna_objects(storage: RDBStorage, study: int) -> None:
     (frozen,) = storage.get_all_studies()
     assert rdb.study_id(frozen) == study == storage.get_study_id_from_name("s")

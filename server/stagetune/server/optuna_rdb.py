@@ -244,7 +244,32 @@ def open_storage(url: str) -> RDBStorage:
         with storage.engine.connect() as conn:
             # WAL lets readers proceed while one writer commits; it persists in the file.
             conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    _index_attr_keys(storage)
     return storage
+
+
+ATTR_KEY_INDEX = "ix_stagetune_trial_attr_key"
+
+
+def _index_attr_keys(storage: RDBStorage) -> None:
+    """Index trial attributes by key, which Optuna's schema lacks (it has one by trial and
+    key): every worker call looks attributes up by key across a study (the rung's
+    reports, the worker's held trial, retries), which without it reads every attribute
+    row of every trial. Built once, at the first start on a database; on PostgreSQL it
+    blocks writes to that table while it builds (seconds for a million rows)."""
+    ua = models.TrialUserAttributeModel.__table__
+    ddl = (
+        f"CREATE INDEX IF NOT EXISTS {ATTR_KEY_INDEX} "
+        f"ON {ua.name} ({ua.c.key.name}, {ua.c.trial_user_attribute_id.name})"
+    )
+    try:
+        with storage.engine.begin() as conn:
+            conn.exec_driver_sql(ddl)
+    except sqlalchemy.exc.DBAPIError:
+        # Two replicas starting at once: PostgreSQL can refuse the second, same index.
+        names = [i["name"] for i in sqlalchemy.inspect(storage.engine).get_indexes(ua.name)]
+        if ATTR_KEY_INDEX not in names:
+            raise
 
 
 @contextlib.contextmanager
