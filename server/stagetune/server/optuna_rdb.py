@@ -527,6 +527,11 @@ def _local_naive(utc: datetime | None) -> datetime | None:
     return None if utc is None else utc.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
 
 
+def _naive_utc(t: datetime) -> datetime:
+    """A time as Optuna's ``TrialModel`` setters store it: naive UTC."""
+    return t.astimezone(UTC).replace(tzinfo=None)
+
+
 @functools.cache
 def _trial_queries() -> tuple[Any, ...]:
     """The six reads of ``get_trial``: head, params, values, user and system attributes,
@@ -611,33 +616,28 @@ def insert_running_trial(
     a LoRA trial); the caller fixed the distributions, so the rows go in as three bulk
     inserts, in plain statements built once (the ORM's way cost ~3.5 ms a trial)."""
     q = _inserts()
-    rows = {
-        q.params: [
+    with storage.engine.begin() as conn:
+        # The study's row locked (PostgreSQL): trial numbers are counted, as Optuna does.
+        if conn.execute(q.study_lock, {"study": study}).scalar_one_or_none() is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        inserted = conn.execute(q.trial, {"study_id": study, "start": _naive_utc(started)})
+        new_id = int(inserted.inserted_primary_key[0])  # type: ignore[index]
+        param_rows = [
             {
-                "trial_id": 0,
+                "trial_id": new_id,
                 "param_name": k,
                 "param_value": distributions[k].to_internal_repr(v),
                 "distribution_json": distribution_to_json(distributions[k]),
             }
             for k, v in params.items()
-        ],
-        q.user_attr: [
-            {"trial_id": 0, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()
-        ],
-        q.system_attr: [
-            {"trial_id": 0, "key": k, "value_json": json.dumps(v)} for k, v in system_attrs.items()
-        ],
-    }
-    start = started.astimezone(UTC).replace(tzinfo=None)  # Optuna stores naive UTC
-    with storage.engine.begin() as conn:
-        # The study's row locked (PostgreSQL): trial numbers are counted, as Optuna does.
-        if conn.execute(q.study_lock, {"study": study}).scalar_one_or_none() is None:
-            raise KeyError(models.NOT_FOUND_MSG)
-        inserted = conn.execute(q.trial, {"study_id": study, "start": start})
-        new_id = int(inserted.inserted_primary_key[0])  # type: ignore[index]
-        for statement, batch in rows.items():
-            if batch:
-                conn.execute(statement, [r | {"trial_id": new_id} for r in batch])
+        ]
+        for statement, rows in (
+            (q.params, param_rows),
+            (q.user_attr, _attr_rows(new_id, user_attrs)),
+            (q.system_attr, _attr_rows(new_id, system_attrs)),
+        ):
+            if rows:
+                conn.execute(statement, rows)
         number = int(conn.execute(q.past, {"study": study, "trial": new_id}).scalar_one())
         conn.execute(q.number, {"trial": new_id, "new_number": number})
     return new_id, number
@@ -735,14 +735,16 @@ def _lock_updatable(conn: sqlalchemy.Connection, storage: RDBStorage, trial: int
     storage.check_trial_is_updatable(trial, state)
 
 
+def _attr_rows(trial: int, attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a trial's user or system attributes table, values as JSON."""
+    return [{"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+
+
 def _write_attrs(
     conn: sqlalchemy.Connection, storage: RDBStorage, trial: int, attrs: Mapping[str, Any]
 ) -> None:
     if attrs:
-        rows = [
-            {"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
-        ]
-        conn.execute(_writes(storage.engine.name).attr, rows)
+        conn.execute(_writes(storage.engine.name).attr, _attr_rows(trial, attrs))
 
 
 def set_trial_attrs(
@@ -797,5 +799,5 @@ def finish_trial(
                     {"trial_id": trial, "objective": objective, "value": stored, "value_type": kind}
                 )
             conn.execute(writes.value, rows)
-        done = completed.astimezone(UTC).replace(tzinfo=None)  # Optuna stores naive UTC
+        done = _naive_utc(completed)
         conn.execute(writes.finish, {"trial": trial, "new_state": state, "done": done})
