@@ -9,6 +9,7 @@ storage, one error policy and the per-process caches ``StudyStore`` sets up.
 from __future__ import annotations
 
 import abc
+import itertools
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,10 +72,9 @@ class _RungReports:
     highest attribute row id read; and, per set of metric names asked for, the reports
     that carry them all as one matrix, extended as reports arrive."""
 
-    reports: dict[int, dict[str, float]] = field(default_factory=dict)
+    reports: dict[int, dict[str, float]] = field(default_factory=dict)  # in the order read
     excluded: set[int] = field(default_factory=set)
     last_row: int = 0
-    arrived: list[int] = field(default_factory=list)  # trial ids in the order read
     matrices: dict[tuple[str, ...], _RungMatrix] = field(default_factory=dict)
 
     def add(self, rows: list[tuple[int, int, str, Any]]) -> None:
@@ -83,10 +83,8 @@ class _RungReports:
                 self.excluded.add(trial_id)
             else:
                 if trial_id in self.reports:  # rewritten: the matrices are rebuilt
-                    self.arrived.remove(trial_id)
                     self.matrices.clear()
                 self.reports[trial_id] = dict(value.get("metrics", {}))
-                self.arrived.append(trial_id)
             self.last_row = max(self.last_row, row)
 
     def rows(self) -> int:
@@ -98,7 +96,7 @@ class _RungReports:
         """(trial ids, their ``names`` values as rows) of the feasible reports that carry
         every one of ``names``, trial ``without`` left out, in trial id order."""
         matrix = self.matrices.setdefault(names, _RungMatrix(len(names)))
-        matrix.extend(self.arrived, self.reports, names)
+        matrix.extend(self.reports, names)
         ids, values = matrix.ids, matrix.values
         keep = ids != without
         if self.excluded:
@@ -113,15 +111,15 @@ class _RungMatrix:
     a decision at 10,000 reports reads them without a Python loop over every report."""
 
     def __init__(self, width: int) -> None:
-        self.consumed = 0  # reports of ``arrived`` looked at
+        self.consumed = 0  # how many of the rung's reports, in the order read, looked at
         self.ids = np.empty(0, dtype=np.int64)
         self.values = np.empty((0, width), dtype=np.float64)
 
-    def extend(
-        self, arrived: list[int], reports: dict[int, dict[str, float]], names: tuple[str, ...]
-    ) -> None:
-        new = [i for i in arrived[self.consumed :] if all(n in reports[i] for n in names)]
-        self.consumed = len(arrived)
+    def extend(self, reports: dict[int, dict[str, float]], names: tuple[str, ...]) -> None:
+        """Add the reports read since the last call (a dict keeps the order read)."""
+        later = itertools.islice(reports, self.consumed, None)
+        new = [i for i in later if all(n in reports[i] for n in names)]
+        self.consumed = len(reports)
         if new:
             rows = np.array([[reports[i][n] for n in names] for i in new], dtype=np.float64)
             self.ids = np.concatenate([self.ids, np.array(new, dtype=np.int64)])
