@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,13 +160,26 @@ def test_a_front_view_older_than_the_latest_completion_is_never_written(
     assert [t.pareto_rank for t in newer()] == [2, 1]  # type: ignore[operator]
 
 
+# Every variable MLflow 3.17 reads as "in CI or testing" (mlflow.telemetry.utils.
+# _is_ci_env_or_testing): any one left in the child's environment would turn its
+# telemetry off whatever stagetune does, and the check would prove nothing.
 _CI_MARKERS = (
     "PYTEST_CURRENT_TEST",
-    "CI",
     "GITHUB_ACTIONS",
+    "CI",
+    "CIRCLECI",
     "GITLAB_CI",
     "JENKINS_URL",
+    "TRAVIS",
+    "TF_BUILD",
+    "BITBUCKET_BUILD_NUMBER",
+    "CODEBUILD_BUILD_ARN",
     "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "CLOUD_RUN_EXECUTION",
+    "RUNBOT_HOST_URL",
+    "RUNBOT_BUILD_NAME",
+    "RUNBOT_WORKER_ID",
 )
 
 
@@ -186,10 +202,6 @@ def test_mlflow_telemetry_is_off_in_stagetune_processes_unless_the_user_turns_it
     """MLflow 3 starts a telemetry client when imported (a thread that fetches a config
     from config.mlflow-telemetry.io, then posts usage events). MLflow itself skips it
     under pytest or CI, so the check runs in a child process without those markers."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in _CI_MARKERS}
     env.pop("MLFLOW_DISABLE_TELEMETRY", None)
     if user_setting is not None:
