@@ -5,6 +5,8 @@ Ray Tune's docs report 10,000 trials of 1 s on one 16-CPU node in 715 s against 
 run, each arm with a fresh database:
 
   stagetune/sqlite      16 workers -> stagetune server -> SQLite (WAL), MLflow on (SQLite)
+  stagetune-sampler-thread/sqlite   the same, sampling on a thread of the server
+                        (serve --sampler-thread) instead of its own process
   optuna-rdb/sqlite     16 workers sample locally -> SQLite (WAL) directly
   stagetune/postgresql  the same as stagetune/sqlite on PostgreSQL (storage and MLflow)
   optuna-proxy/sqlite   16 workers -> Optuna's GrpcStorageProxy -> SQLite (WAL)
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = [
     "stagetune/sqlite",
+    "stagetune-sampler-thread/sqlite",
     "optuna-rdb/sqlite",
     "stagetune/postgresql",
     "optuna-proxy/sqlite",
@@ -266,7 +269,14 @@ def bench_spec(n: int) -> StudySpec:
 
 
 def arm_stagetune(
-    kind: str, tmp: Path, k: int, n: int, secs: float, minutes: float, admin: str
+    kind: str,
+    tmp: Path,
+    k: int,
+    n: int,
+    secs: float,
+    minutes: float,
+    admin: str,
+    sampler_process: bool = True,
 ) -> dict[str, Any]:
     from stagetune.contract.client import StudyClient
     from stagetune.server.app import ServerSettings, make_server
@@ -275,7 +285,13 @@ def arm_stagetune(
     spec = bench_spec(n)
     with _database(kind, tmp, "st", admin) as storage, _database(kind, tmp, "ml", admin) as ml:
         tracking = ml
-        settings = ServerSettings(port=0, data_dir=tmp, storage_url=storage, tracking_uri=tracking)
+        settings = ServerSettings(
+            port=0,
+            data_dir=tmp,
+            storage_url=storage,
+            tracking_uri=tracking,
+            sampler_process=sampler_process,
+        )
         server = make_server(settings).start()
         try:
             with StudyClient(server.address) as sc:
@@ -407,8 +423,9 @@ def main() -> None:
         system, kind = arm.split("/")
         with tempfile.TemporaryDirectory() as tmp:
             common = (kind, Path(tmp), args.workers, args.trials, args.trial_seconds)
-            if system == "stagetune":
-                got = arm_stagetune(*common, args.max_minutes, args.postgres)
+            if system.startswith("stagetune"):
+                in_process = system == "stagetune"
+                got = arm_stagetune(*common, args.max_minutes, args.postgres, in_process)
             else:
                 proxy = system == "optuna-proxy"
                 got = arm_optuna(*common, args.max_minutes, args.postgres, proxy)

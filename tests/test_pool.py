@@ -4,7 +4,9 @@ mirror learns every result, and a restarted server rebuilds it from the database
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from stagetune.contract.spec import BudgetSpec, ConstraintSpec, StudySpec, value
 from stagetune.objectives.pareto import non_dominated_ranks
 from stagetune.server import attributes as at
 from stagetune.server.app import StagetuneServer
-from stagetune.server.pool import SuggestionPool, bounded_history
+from stagetune.server.pool import MirrorView, SuggestionPool, bounded_history
 from tests.conftest import objective_metrics, start_server
 
 
@@ -28,11 +30,14 @@ def eventually(check: Callable[[], bool], seconds: float = 20.0) -> None:
 
 
 def mirror_states(pool: SuggestionPool, study: str) -> dict[TrialState, int]:
-    mirror = pool._mirrors[study]
-    counts: dict[TrialState, int] = {}
-    for t in mirror.study.get_trials(deepcopy=False):
-        counts[t.state] = counts.get(t.state, 0) + 1
-    return counts
+    view = pool.inspect(study)
+    return {TrialState[k]: n for k, n in view.states.items()} if view is not None else {}
+
+
+def mirror(pool: SuggestionPool, study: str) -> MirrorView:
+    view = pool.inspect(study)
+    assert view is not None, f"no mirror of {study}"
+    return view
 
 
 def run_trials(address: str, study: str, n: int, worker: str = "w") -> list[int]:
@@ -47,8 +52,9 @@ def run_trials(address: str, study: str, n: int, worker: str = "w") -> list[int]
 
 
 def server_with_study(path: Path, spec: StudySpec, **settings: object) -> StagetuneServer:
-    """A server (tracking off) on which ``spec`` has been created."""
-    srv = start_server(path, tracking_uri="", **settings)
+    """A server (tracking off, its suggestion engine in a process of its own, as by
+    default) on which ``spec`` has been created."""
+    srv = start_server(path, tracking_uri="", sampler_process=True, **settings)
     try:
         with StudyClient(srv.address, retries=0) as sc:
             sc.create_study(spec)
@@ -66,7 +72,7 @@ def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
     pool = srv.service.policy.pool
     try:
         run_trials(srv.address, spec.name, 1)  # the first acquire builds the mirror
-        eventually(lambda: len(pool._ready(spec.name)) == pool.size)
+        eventually(lambda: len(pool.ready(spec.name)) == pool.size)
         misses = pool.misses
         run_trials(srv.address, spec.name, 5)
         assert pool.misses == misses  # every acquire was a pop: nothing waited
@@ -75,8 +81,8 @@ def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
         eventually(
             lambda: mirror_states(pool, spec.name).get(TrialState.RUNNING, 0) >= pool.size - 1
         )
-        eventually(lambda: len(pool._ready(spec.name)) == pool.size)
-        next_up = pool._ready(spec.name)[0].params
+        eventually(lambda: len(pool.ready(spec.name)) == pool.size)
+        next_up = pool.ready(spec.name)[0].params
         with WorkerClient(srv.address, retries=0) as wc:
             held = wc.acquire("holder", study_name=spec.name).trial
         assert {k: value_from_proto(v) for k, v in held.params.items()} == next_up
@@ -92,7 +98,11 @@ def two_servers_on(
     db = f"sqlite:///{tmp_path / 'st.db'}"
     spec = dataclasses.replace(lora_spec, budget=BudgetSpec(trials, 0))
     first = server_with_study(tmp_path / "a", spec, storage_url=db)
-    return spec, first, lambda: start_server(tmp_path / "b", storage_url=db, tracking_uri="")
+    return (
+        spec,
+        first,
+        lambda: start_server(tmp_path / "b", storage_url=db, tracking_uri="", sampler_process=True),
+    )
 
 
 def test_a_restarted_server_rebuilds_the_mirror_from_the_database(
@@ -112,8 +122,7 @@ def test_a_restarted_server_rebuilds_the_mirror_from_the_database(
         # Rebuilt from the database: the four results and the trial still running
         # (a constant-liar guess), then the new trial's result.
         eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 5)
-        mirror = pool._mirrors[spec.name]
-        assert len(mirror.by_db) == 6
+        assert mirror(pool, spec.name).known == 6
     finally:
         second.stop(grace=0)
 
@@ -126,14 +135,35 @@ def test_trials_another_replica_created_make_the_mirror_rebuild(
     try:
         run_trials(a.address, spec.name, 2)
         pool = a.service.policy.pool
-        built = pool._mirrors[spec.name].generation
+        built = mirror(pool, spec.name).generation
         run_trials(b.address, spec.name, 3, worker="other-replica")
         run_trials(a.address, spec.name, 1)  # a pop lets the refill loop notice
-        eventually(lambda: pool._mirrors[spec.name].generation > built)
+        eventually(lambda: mirror(pool, spec.name).generation > built)
         eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 6)
     finally:
         a.stop(grace=0)
         b.stop(grace=0)
+
+
+def test_a_killed_suggestion_engine_is_started_again_and_the_study_goes_on(
+    tmp_path: Path, lora_spec: StudySpec
+) -> None:
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+    srv = server_with_study(tmp_path, spec)
+    pool = srv.service.policy.pool
+    try:
+        ids = run_trials(srv.address, spec.name, 3)
+        pid = pool.engine_pid
+        assert pid is not None and pid != os.getpid()  # the engine has its own process
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        eventually(lambda: pool.restarts == 1)
+        assert pool.engine_pid not in (None, pid)
+        ids += run_trials(srv.address, spec.name, 2, worker="after-kill")
+        assert len(set(ids)) == 5  # no trial handed out twice
+        # The new engine rebuilt the mirror from the database: nothing reported was lost.
+        eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 5)
+    finally:
+        srv.stop(grace=0)
 
 
 def test_a_study_nobody_asks_for_is_forgotten_and_rebuilt_when_asked_again(
@@ -144,9 +174,10 @@ def test_a_study_nobody_asks_for_is_forgotten_and_rebuilt_when_asked_again(
     pool = srv.service.policy.pool
     try:
         run_trials(srv.address, spec.name, 2)
-        pool._idle_seconds = 0.3  # as if ten idle minutes had passed
-        eventually(lambda: spec.name not in pool._mirrors)
-        pool._idle_seconds = 600.0
+        pool.configure(idle_seconds=0.3)  # as if ten idle minutes had passed
+        eventually(lambda: pool.inspect(spec.name) is None)
+        assert pool.ready(spec.name) == []  # its ready suggestions went with it
+        pool.configure(idle_seconds=600.0)
         run_trials(srv.address, spec.name, 1)
         eventually(lambda: mirror_states(pool, spec.name).get(TrialState.COMPLETE) == 3)
     finally:
@@ -249,25 +280,25 @@ def test_a_large_studys_mirror_is_rebuilt_on_a_bounded_history_and_keeps_suggest
     spec, first, start_second = two_servers_on(tmp_path, lora_spec, 60)
     try:
         pool = first.service.policy.pool
-        pool.history = 10
+        pool.configure(history=10)
         run_trials(first.address, spec.name, 30)
-        mirror = pool._mirrors[spec.name]
-        assert mirror.generation > 1  # rebuilt on a bounded history, maybe more than once
-        assert mirror.finished <= 10 + 10 // 2 + 1
-        eventually(lambda: len(pool._mirrors[spec.name].by_db) >= 30)  # every trial known
+        # Rebuilt on a bounded history, maybe more than once, every trial known.
+        eventually(lambda: mirror(pool, spec.name).known >= 30)
+        view = mirror(pool, spec.name)
+        assert view.generation > 1
+        assert view.finished <= 10 + 10 // 2 + 1
     finally:
         first.stop(grace=0)
     second = start_second()
     try:
-        second.service.policy.pool.history = 10
+        second.service.policy.pool.configure(history=10)
         run_trials(second.address, spec.name, 2, worker="after-restart")
-        mirror = second.service.policy.pool._mirrors[spec.name]
         # Built from the database on the bound: ten of the 30, then the two new results.
         eventually(
             lambda: (
                 mirror_states(second.service.policy.pool, spec.name).get(TrialState.COMPLETE) == 12
             )
         )
-        assert len(mirror.by_db) >= 32
+        assert mirror(second.service.policy.pool, spec.name).known >= 32
     finally:
         second.stop(grace=0)

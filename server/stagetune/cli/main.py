@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
         metrics_port=args.metrics_port or None,  # 0: off
+        sampler_process=not args.sampler_thread,
     )
     try:
         return run_server(settings)
@@ -286,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: SQLite in --data-dir; env STAGETUNE_TRACKING_URI)",
     )
     p.add_argument("--lease-seconds", type=float, default=120.0, help="trial lease length")
+    p.add_argument(
+        "--sampler-thread",
+        action="store_true",
+        help="sample on a thread of the server rather than in a process of its own: one "
+        "process less, but each TPE fit holds the handlers' interpreter lock",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,

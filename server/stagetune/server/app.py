@@ -6,7 +6,8 @@ reflection) without serving; ``StagetuneServer.start()`` binds and serves;
 NOT_SERVING, in-flight calls get ``grace`` seconds to finish, the tracker flushes.
 
 The policy is handed in: ``make_server(settings, policy_factory=...)`` builds the server's
-``Policy`` from its store (server/policy.py); the default is ``OptunaPolicy``.
+``Policy`` from its store (server/policy.py); the default is ``OptunaPolicy``, whose
+suggestion engine runs in a process of its own unless ``sampler_process`` is off.
 
 A setting the server cannot use (a storage it cannot reach, a tracking URI MLflow refuses,
 a bad token file or certificate) stops the build with ``InvalidArgument`` naming the
@@ -23,6 +24,7 @@ Security is off by default (loopback, no tokens, no TLS) and the start banner sa
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -96,6 +98,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates (mTLS)
     pipeline_interval: float = 2.0  # seconds between passes of the pipeline loop
     metrics_port: int | None = None  # Prometheus /metrics on host:port; 0 = any free port
+    sampler_process: bool = True  # the suggestion engine in a process of its own (pool.py)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or default_storage_url(self.data_dir)
@@ -140,7 +143,7 @@ class StagetuneServer:
     """A built server. ``start`` binds and serves; ``stop`` drains and closes everything."""
 
     def __init__(
-        self, settings: ServerSettings, policy_factory: PolicyFactory = OptunaPolicy
+        self, settings: ServerSettings, policy_factory: PolicyFactory | None = None
     ) -> None:
         self.settings = settings
         # Security settings first: a bad token file or certificate fails before anything
@@ -161,6 +164,10 @@ class StagetuneServer:
             if tracking_uri
             else NullTracker()
         )
+        if policy_factory is None:
+            policy_factory = functools.partial(
+                OptunaPolicy, sampler_process=settings.sampler_process
+            )
         policy = policy_factory(self.store)
         self.metrics: ServerMetrics | None = None
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [ErrorInterceptor(self.tokens)]
@@ -263,7 +270,7 @@ def _methods(services: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def make_server(
-    settings: ServerSettings, policy_factory: PolicyFactory = OptunaPolicy
+    settings: ServerSettings, policy_factory: PolicyFactory | None = None
 ) -> StagetuneServer:
     return StagetuneServer(settings, policy_factory)
 

@@ -62,11 +62,13 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 class OptunaPolicy(Policy):
     """Optuna's samplers over the study store, with MO-ASHA early stopping."""
 
-    def __init__(self, store: StudyStore, *, pool_size: int = 8) -> None:
+    def __init__(
+        self, store: StudyStore, *, pool_size: int = 8, sampler_process: bool = True
+    ) -> None:
         self._store = store
         self._studies: dict[str, optuna.Study] = {}
         self._lock = threading.Lock()
-        self.pool = SuggestionPool(store, make_sampler, size=pool_size)
+        self.pool = SuggestionPool(store, make_sampler, size=pool_size, process=sampler_process)
 
     def close(self) -> None:
         self.pool.close()

@@ -2,14 +2,16 @@
 
 Each study has a *mirror*: an in-memory Optuna study with the study's sampler, holding
 every trial the database holds (finished trials with their values and the attributes the
-constraints need; running trials as running). A background thread keeps a few
+constraints need; running trials as running). A background engine keeps a few
 suggestions ready per study, each asked from the mirror, so each one is itself a running
 trial there: with TPE's constant liar, running trials *and* suggestions not yet handed
 out count as bad guesses, and consecutive suggestions spread out.
 
 Everything the service learns (a suggestion handed out as database trial N, a queued
-retry handed out, a trial finished) reaches the mirror as an event on a queue, applied by
-the background thread: a worker's call never waits for the sampler or the mirror.
+retry handed out, a trial finished) reaches the mirror as a message on a pipe, applied in
+order by the engine that holds the mirrors: a worker's call never waits for the sampler
+or the mirror. The engine runs in a process of its own (``SuggestionPool`` says why), so
+a TPE fit does not hold the server's interpreter lock.
 
 The database stays the only truth. A mirror is built from it on first use (after a
 restart, too), and rebuilt when the database holds trials the mirror never heard of:
@@ -29,14 +31,20 @@ cost and keep it.
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import logging
+import multiprocessing
 import queue
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import optuna
@@ -51,7 +59,7 @@ from stagetune.server.attributes import distributions_of
 from stagetune.server.records import TrialOutcome
 from stagetune.server.storage import StudyStore
 
-__all__ = ["SuggestionPool", "Suggestion", "bounded_history", "HISTORY"]
+__all__ = ["SuggestionPool", "Suggestion", "MirrorView", "bounded_history", "HISTORY"]
 
 _log = logging.getLogger(__name__)
 
@@ -107,7 +115,16 @@ def running_trial(
 
 
 class SuggestionPool:
-    """Per-study ready suggestions, refilled in the background."""
+    """Per-study ready suggestions, made by an engine in the background.
+
+    The engine (``_Engine``: the mirrors and their samplers) runs in a process of its own
+    by default, so that sampling, which is pure Python and holds the interpreter lock while
+    it fits, never competes with the server's handlers for it. ``process=False`` runs it on
+    a thread of the server instead: the same engine over the same channel, without the
+    process's start (a second or so of imports), which tests and small hosts may prefer.
+    The two talk over one pipe; an engine that dies (killed, out of memory) is started
+    again, and rebuilds its mirrors from the database like a restarted server's.
+    """
 
     def __init__(
         self,
@@ -118,60 +135,57 @@ class SuggestionPool:
         wait_seconds: float = 10.0,
         idle_seconds: float = 600.0,
         history: int = HISTORY,
+        process: bool = True,
     ) -> None:
         self._store = store
-        self._make_sampler = make_sampler
         self.size = size
-        self.history = history  # 0: every mirror holds the whole history
-        self._rng = random.Random()
         self._wait_seconds = wait_seconds
-        self._idle_seconds = idle_seconds  # a study not asked for this long: mirror dropped
-        self._last_pop: dict[str, float] = {}
-        self._mirrors: dict[str, _Mirror] = {}
-        self._generations = 0
-        self._cond = threading.Condition()  # guards _mirrors and every mirror's ready queue
-        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wanted: set[str] = set()  # studies whose pool should be (re)filled
-        self._in_flight: collections.Counter[str] = collections.Counter()  # events not applied
+        self._settings = _EngineSettings(make_sampler, size, idle_seconds, history)
+        self._process = process
+        self._cond = threading.Condition()  # guards _ready, _replies and _closed
+        self._ready: dict[str, collections.deque[Suggestion]] = {}
+        self._replies: dict[int, MirrorView | None] = {}
+        self._asked = itertools.count()
         self._closed = False
+        self._send_lock = threading.Lock()  # guards _conn, _engine and _studies
+        self._studies: set[str] = set()  # every study asked for, to tell a new engine
         self.misses = 0  # pops that had to wait for the sampler
         # Seconds each suggestion took the sampler (the latest ones): acquire does not
         # include them, since suggestions are made ahead; benchmarks report them apart.
         self.sample_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
-        self._thread = threading.Thread(target=self._run, name="suggestions", daemon=True)
-        self._thread.start()
+        self.restarts = 0  # engines started again after dying
+        self._conn, self._engine = self._start_engine(epoch=0)
+        self._reader = threading.Thread(target=self._read, name="suggestions-in", daemon=True)
+        self._reader.start()
 
     # ------------------------------------------------------------ called by the policy
 
     def pop(self, spec: StudySpec) -> Suggestion:
         """The next suggestion for the study; waits only when none is ready (a miss)."""
+        name = spec.name
         with self._cond:
-            self._wanted.add(spec.name)
-            self._last_pop[spec.name] = time.monotonic()
-            mirror = self._mirrors.get(spec.name)
-            if mirror is None or not mirror.ready:
+            if not self._ready.get(name):
                 self.misses += 1
-                self._cond.notify_all()
+                self._send(("want", name))
                 ok = self._cond.wait_for(
-                    lambda: self._closed or bool(self._ready(spec.name)), self._wait_seconds
+                    lambda: self._closed or bool(self._ready.get(name)), self._wait_seconds
                 )
                 if not ok or self._closed:
-                    raise TimeoutError(f"no suggestion for {spec.name} after waiting")
-            got = self._ready(spec.name).popleft()
-            self._in_flight[spec.name] += 1  # until its bind event is applied
-            self._cond.notify_all()  # the refill loop tops the pool up again
+                    raise TimeoutError(f"no suggestion for {name} after waiting")
+            got = self._ready[name].popleft()
+            # Sent before the trial is written: when the engine sees the trial in the
+            # database, it has this message to account for it (``_Engine._stale``).
+            self._send(("pop", name, got.generation))
             return got
 
     def bind(self, name: str, suggestion: Suggestion, db_trial_id: int | None) -> None:
         """A popped suggestion became database trial ``db_trial_id`` (None: it was not
         used, because creating the trial failed)."""
-        self._event("bind", (name, suggestion, db_trial_id))
+        self._send(("bind", name, suggestion, db_trial_id))
 
     def started(self, name: str, db_trial_id: int, params: dict[str, ParamValue]) -> None:
         """A queued trial (retry or warm start) was handed out: it runs now."""
-        with self._cond:
-            self._in_flight[name] += 1
-        self._event("started", (name, db_trial_id, params))
+        self._send(("started", name, db_trial_id, params))
 
     def finished(self, name: str, db_trial_id: int, outcome: TrialOutcome) -> None:
         """A trial finished. A completed one's outcome carries its values and final
@@ -180,113 +194,302 @@ class SuggestionPool:
         completed = None
         if outcome.state == "complete":
             completed = (list(outcome.values), at.constraint_attrs(at.outcome_attrs(outcome)))
-        self._event("finished", (name, db_trial_id, completed))
+        self._send(("finished", name, db_trial_id, completed))
+
+    def configure(self, *, history: int | None = None, idle_seconds: float | None = None) -> None:
+        """Change the engine's bound on a mirror's history, or how long a study nobody
+        asks for keeps its mirror (tests use it to make both happen sooner)."""
+        if history is not None:
+            self._settings.history = history
+        if idle_seconds is not None:
+            self._settings.idle_seconds = idle_seconds
+        self._send(("configure", history, idle_seconds))
+
+    def inspect(self, name: str, timeout: float = 10.0) -> MirrorView | None:
+        """What the engine's mirror of the study holds now (None: no mirror)."""
+        with self._cond:
+            token = next(self._asked)
+            self._send(("inspect", name, token))
+            if not self._cond.wait_for(lambda: token in self._replies, timeout):
+                raise TimeoutError(f"the suggestion engine did not answer about {name}")
+            return self._replies.pop(token)
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine's process id (None: it runs on a thread of this process)."""
+        return self._engine.pid if isinstance(self._engine, BaseProcess) else None
+
+    def ready(self, name: str) -> list[Suggestion]:
+        """The study's suggestions ready to hand out, next first."""
+        with self._cond:
+            return list(self._ready.get(name, ()))
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._events.put(("stop", None))
-        self._thread.join(timeout=10)
+        self._send(("stop",))
+        self._engine.join(timeout=10)
+        if isinstance(self._engine, BaseProcess) and self._engine.is_alive():
+            self._engine.terminate()
+        self._conn.close()
+        self._reader.join(timeout=10)
 
-    # ------------------------------------------------------------ background thread
+    # ------------------------------------------------------------ the engine's side
 
-    def _ready(self, name: str) -> collections.deque[Suggestion]:
-        mirror = self._mirrors.get(name)
-        return mirror.ready if mirror is not None else collections.deque()
+    def _start_engine(self, epoch: int) -> tuple[Connection, threading.Thread | BaseProcess]:
+        here, there = multiprocessing.Pipe()
+        engine: threading.Thread | BaseProcess
+        if self._process:
+            engine = multiprocessing.get_context("spawn").Process(
+                target=_engine_process,
+                args=(self._store.url, self._settings, there, epoch),
+                name="stagetune-sampler",
+                daemon=True,
+            )
+            engine.start()
+            there.close()  # the child holds its own copy: EOF reaches us when it dies
+        else:
+            engine = threading.Thread(
+                target=_Engine(self._store, self._settings, there, epoch).run,
+                name="suggestions",
+                daemon=True,
+            )
+            engine.start()
+        return here, engine
 
-    def _event(self, kind: str, payload: Any) -> None:
-        self._events.put((kind, payload))
-        with self._cond:
-            self._cond.notify_all()
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """Send to the engine. One that died takes nothing: its successor rebuilds the
+        mirrors from the database, which holds whatever the message said."""
+        with self._send_lock:
+            if message[0] == "want":
+                self._studies.add(message[1])
+            with contextlib.suppress(OSError):
+                self._conn.send(message)
 
-    def _run(self) -> None:
+    def _read(self) -> None:
+        """Take in what the engine sends; start it again if it dies while serving."""
+        epoch = 0
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._has_work(), timeout=1.0)
-                if self._closed:
-                    return
             try:
-                self._drain_events()
-                self._drop_idle()
-                self._refill_one()
-            except Exception:
-                _log.warning("suggestion pool pass failed; retrying", exc_info=True)
+                message = self._conn.recv()
+            except (EOFError, OSError):
                 with self._cond:
-                    self._cond.wait(timeout=1.0)
+                    if self._closed:
+                        return
+                    self._ready.clear()  # made by the dead engine's mirrors
+                epoch += 1
+                self.restarts += 1
+                _log.warning("the suggestion engine stopped; starting it again")
+                with self._send_lock:
+                    self._conn, self._engine = self._start_engine(epoch)
+                    for name in self._studies:  # a pop may be waiting on the dead one
+                        self._conn.send(("want", name))
+                continue
+            kind = message[0]
+            with self._cond:
+                if kind == "suggestion":
+                    _, name, suggestion, seconds = message
+                    self._ready.setdefault(name, collections.deque()).append(suggestion)
+                    self.sample_seconds.append(seconds)
+                elif kind == "generation":  # a new build: the old build's ready ones go
+                    _, name, generation = message
+                    kept = [s for s in self._ready.get(name, ()) if s.generation == generation]
+                    self._ready[name] = collections.deque(kept)
+                elif kind == "view":
+                    self._replies[message[1]] = message[2]
+                self._cond.notify_all()
 
-    def _has_work(self) -> bool:
-        if not self._events.empty():
-            return True
-        return any(self._needs_refill(name) for name in self._wanted)
 
-    def _needs_refill(self, name: str) -> bool:
-        return len(self._ready(name)) < self.size  # no mirror yet: nothing ready
+@dataclass
+class _EngineSettings:
+    make_sampler: SamplerFactory
+    size: int  # suggestions kept ready per study
+    idle_seconds: float  # a study not asked for this long: mirror dropped
+    history: int  # 0: every mirror holds the whole history
 
-    def _drain_events(self) -> None:
+
+@dataclass(frozen=True)
+class MirrorView:
+    """What one mirror holds, as ``SuggestionPool.inspect`` reports it."""
+
+    generation: int
+    finished: int  # finished trials it holds
+    known: int  # database trials it maps (finished ones left out of a bound included)
+    states: dict[str, int]  # its trials by Optuna state, suggestions included
+
+
+def _engine_process(url: str, settings: _EngineSettings, conn: Connection, epoch: int) -> None:
+    """The engine's process: its own connection to the database, and the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _Engine(StudyStore(url), settings, conn, epoch).run()
+
+
+class _Stop(Exception):
+    """The pool closed (or went away): the engine's loop ends."""
+
+
+class _Engine:
+    """The mirrors and their samplers: applies the service's events in order and keeps
+    ``size`` suggestions of each wanted study sent ahead to the pool."""
+
+    def __init__(
+        self, store: StudyStore, settings: _EngineSettings, conn: Connection, epoch: int
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._conn = conn
+        self._rng = random.Random()
+        self._mirrors: dict[str, _Mirror] = {}
+        self._generations = epoch << 32  # unique across restarts of the engine
+        self._wanted: set[str] = set()  # studies whose pool should be (re)filled
+        self._last_pop: dict[str, float] = {}
+        self._sent: collections.Counter[str] = collections.Counter()  # this build's, not popped
+        self._in_flight: collections.Counter[str] = collections.Counter()  # popped, not bound
+        # Messages move from the pipe to this queue on a thread of their own, so that the
+        # pool's sends never wait while the sampler fits; ``_read_lock`` keeps one reader.
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._read_lock = threading.Lock()
+
+    def run(self) -> None:
+        threading.Thread(target=self._pump, name="suggestions-pump", daemon=True).start()
+        try:
+            while True:
+                try:
+                    with contextlib.suppress(queue.Empty):
+                        self._apply(self._inbox.get(timeout=0 if self._has_work() else 1.0))
+                    self._drain()
+                    self._drop_idle()
+                    self._refill_one()
+                except _Stop:
+                    return
+                except Exception:
+                    _log.warning("suggestion engine pass failed; retrying", exc_info=True)
+                    time.sleep(1.0)
+        finally:
+            self._conn.close()
+
+    # ------------------------------------------------------------ messages
+
+    def _pump(self) -> None:
+        while True:
+            with self._read_lock:
+                try:
+                    if self._conn.poll(0.05):
+                        self._inbox.put(self._conn.recv())
+                except (EOFError, OSError):
+                    self._inbox.put(("stop",))
+                    return
+
+    def _drain(self, *, from_pipe: bool = False) -> None:
+        """Apply every message received; ``from_pipe``: every one sent, too."""
+        if from_pipe:
+            with self._read_lock:
+                while self._conn.poll(0):
+                    self._inbox.put(self._conn.recv())
         while True:
             try:
-                kind, payload = self._events.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "stop":
-                return
-            name = payload[0]
-            if kind in ("bind", "started"):
-                with self._cond:
-                    self._in_flight[name] -= 1
-            mirror = self._mirrors.get(name)
-            if mirror is None:
-                continue  # built from the database when needed, which includes this event
-            if kind == "bind":
-                _, suggestion, db_id = payload
-                if db_id is None:  # never handed out: it stays a running guess in the mirror
-                    continue
-                if suggestion.generation == mirror.generation:
-                    mirror.by_db[db_id] = suggestion.mirror_trial
-                elif db_id not in mirror.by_db:  # an earlier build's: add a running twin
-                    self._add_running(mirror, db_id, suggestion.params)
-            elif kind == "started":
-                _, db_id, params = payload
-                if db_id not in mirror.by_db:
-                    self._add_running(mirror, db_id, params)
-            elif kind == "finished":
-                self._tell(mirror, payload[1], payload[2])
+            self._apply(message)
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(message)
+        except OSError:
+            raise _Stop from None
+
+    def _apply(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "stop":
+            raise _Stop
+        if kind == "configure":
+            _, history, idle = message
+            if history is not None:
+                self._settings.history = history
+            if idle is not None:
+                self._settings.idle_seconds = idle
+            return
+        name = message[1]
+        mirror = self._mirrors.get(name)
+        if kind == "want":
+            self._wanted.add(name)
+            self._last_pop[name] = time.monotonic()
+        elif kind == "pop":
+            self._wanted.add(name)
+            self._last_pop[name] = time.monotonic()
+            self._in_flight[name] += 1
+            if mirror is not None and message[2] == mirror.generation:
+                self._sent[name] -= 1
+        elif kind == "inspect":
+            self._reply(("view", message[2], self._view(mirror)))
+        elif kind == "bind":
+            # Not below 0: a pop sent to a previous engine may be bound on this one.
+            self._in_flight[name] = max(0, self._in_flight[name] - 1)
+            _, _, suggestion, db_id = message
+            if mirror is None or db_id is None:
+                return  # built from the database when needed; an unused one stays a guess
+            if suggestion.generation == mirror.generation:
+                mirror.by_db[db_id] = suggestion.mirror_trial
+            elif db_id not in mirror.by_db:  # an earlier build's: add a running twin
+                self._add_running(mirror, db_id, suggestion.params)
+        elif kind == "started":
+            _, _, db_id, params = message
+            if mirror is not None and db_id not in mirror.by_db:
+                self._add_running(mirror, db_id, params)
+        elif kind == "finished" and mirror is not None:
+            self._tell(mirror, message[2], message[3])
+
+    def _view(self, mirror: _Mirror | None) -> MirrorView | None:
+        if mirror is None:
+            return None
+        states = collections.Counter(t.state.name for t in mirror.study.get_trials(deepcopy=False))
+        return MirrorView(mirror.generation, mirror.finished, len(mirror.by_db), dict(states))
+
+    # ------------------------------------------------------------ the loop's work
+
+    def _has_work(self) -> bool:
+        return not self._inbox.empty() or any(self._needs_refill(n) for n in self._wanted)
+
+    def _needs_refill(self, name: str) -> bool:
+        return name not in self._mirrors or self._sent[name] < self._settings.size
 
     def _drop_idle(self) -> None:
         """Forget studies nobody asked for in ``idle_seconds`` (finished, stopped, or
         between campaigns): their mirrors are rebuilt from the database if asked again."""
         now = time.monotonic()
-        with self._cond:
-            for name in [n for n, t in self._last_pop.items() if now - t > self._idle_seconds]:
-                self._wanted.discard(name)
-                self._mirrors.pop(name, None)
-                del self._last_pop[name]
+        idle = self._settings.idle_seconds
+        for name in [n for n, t in self._last_pop.items() if now - t > idle]:
+            self._wanted.discard(name)
+            del self._last_pop[name]
+            if self._mirrors.pop(name, None) is not None:
+                self._sent.pop(name, None)
+                self._reply(("generation", name, 0))  # its ready suggestions go too
 
     def _refill_one(self) -> None:
         """Top up one study's pool by one suggestion (so events are never held up)."""
-        with self._cond:
-            names = [n for n in self._wanted if self._needs_refill(n)]
+        names = [n for n in self._wanted if self._needs_refill(n)]
         if not names:
             return
-        name = min(names, key=lambda n: len(self._ready(n)))
+        name = min(names, key=lambda n: self._sent[n] if n in self._mirrors else -1)
         mirror = self._mirrors.get(name)
+        history = self._settings.history
         if mirror is None or self._stale(mirror):
             mirror = self._build(name)
-        elif mirror.bounded and 0 < self.history < mirror.finished - self.history // 2:
+        elif mirror.bounded and 0 < history < mirror.finished - history // 2:
             mirror = self._compact(mirror)
         started = time.perf_counter()
         trial = mirror.study.ask(fixed_distributions=distributions_of(mirror.spec))
-        self.sample_seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
         mirror_id = rdb.trial_id(trial)
         system_attrs = rdb.storage_of(mirror.study).get_trial(mirror_id).system_attrs
         suggestion = Suggestion(
             dict(trial.params), dict(system_attrs), mirror_id, mirror.generation
         )
-        with self._cond:
-            if self._mirrors.get(name) is mirror:
-                mirror.ready.append(suggestion)
-                self._cond.notify_all()
+        self._sent[name] += 1
+        self._reply(("suggestion", name, suggestion, seconds))
 
     # ------------------------------------------------------------ the mirror
 
@@ -294,13 +497,20 @@ class SuggestionPool:
         """Whether the database holds trials of the study this mirror never heard of."""
         name = mirror.spec.name
         counts = self._store.counts(name)
-        with self._cond:
-            known = len(mirror.by_db) + self._in_flight[name]
+        # A pop is sent before its trial is written: every trial counted has its pop
+        # (or its bind) in the pipe by now.
+        self._drain(from_pipe=True)
+        known = len(mirror.by_db) + self._in_flight[name]
         return counts.total - counts.waiting > known
+
+    def _install(self, mirror: _Mirror) -> None:
+        self._mirrors[mirror.spec.name] = mirror
+        self._sent[mirror.spec.name] = 0
+        self._reply(("generation", mirror.spec.name, mirror.generation))
 
     def _new_mirror(self, spec: StudySpec) -> _Mirror:
         storage = optuna.storages.InMemoryStorage()
-        sampler = self._make_sampler(spec)
+        sampler = self._settings.make_sampler(spec)
         study = optuna.create_study(storage=storage, directions=spec.directions, sampler=sampler)
         self._generations += 1
         return _Mirror(spec, study, self._generations)
@@ -309,7 +519,7 @@ class SuggestionPool:
         """Which of these finished trials (in trial order) the mirror is to hold."""
         if not mirror.bounded:
             return finished
-        return bounded_history(mirror.spec, finished, self.history, self._rng)
+        return bounded_history(mirror.spec, finished, self._settings.history, self._rng)
 
     def _build(self, name: str) -> _Mirror:
         """A fresh mirror of the study in the database: every running trial and every
@@ -332,8 +542,7 @@ class SuggestionPool:
         # out configurations already tried: such a sampler draws from fresh randomness.
         if trials or self._store.postgres:
             mirror.study.sampler.reseed_rng()
-        with self._cond:
-            self._mirrors[name] = mirror
+        self._install(mirror)
         return mirror
 
     def _compact(self, old: _Mirror) -> _Mirror:
@@ -357,9 +566,8 @@ class SuggestionPool:
             mirror.by_db[db_id] = storage.create_new_trial(rdb.study_id(mirror.study), t)
             mirror.finished += t.state.is_finished()
         mirror.study.sampler.reseed_rng()  # its seeded sequence was spent on the old build
-        with self._cond:
-            if self._mirrors.get(old.spec.name) is old:
-                self._mirrors[old.spec.name] = mirror
+        if self._mirrors.get(old.spec.name) is old:
+            self._install(mirror)
         _log.info(
             "%s: sampler history bounded to %d of %d finished trials",
             old.spec.name,
