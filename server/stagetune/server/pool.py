@@ -374,13 +374,15 @@ class _Engine:
 
     def _pump(self) -> None:
         while True:
-            with self._read_lock:
-                try:
-                    if self._conn.poll(0.05):
-                        self._inbox.put(self._conn.recv())
-                except (EOFError, OSError):
-                    self._inbox.put(("stop",))
-                    return
+            try:
+                # Wait outside the lock: ``_drain`` must not wait for this wait.
+                if self._conn.poll(0.5):
+                    with self._read_lock:
+                        while self._conn.poll(0):
+                            self._inbox.put(self._conn.recv())
+            except (EOFError, OSError):
+                self._inbox.put(("stop",))
+                return
 
     def _drain(self, *, from_pipe: bool = False) -> None:
         """Apply every message received; ``from_pipe``: every one sent, too."""
