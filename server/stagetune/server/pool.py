@@ -120,10 +120,11 @@ class SuggestionPool:
     The engine (``_Engine``: the mirrors and their samplers) runs in a process of its own
     by default, so that sampling, which is pure Python and holds the interpreter lock while
     it fits, never competes with the server's handlers for it. ``process=False`` runs it on
-    a thread of the server instead: the same engine over the same channel, without the
-    process's start (a second or so of imports), which tests and small hosts may prefer.
-    The two talk over one pipe; an engine that dies (killed, out of memory) is started
-    again, and rebuilds its mirrors from the database like a restarted server's.
+    a thread of the server instead: the same engine and messages, without the process's
+    start (a second or so of imports), which tests and small hosts may prefer. The two
+    talk over a pipe (on a thread: two queues); an engine that dies (killed, out of
+    memory) is started again, and rebuilds its mirrors from the database like a restarted
+    server's.
     """
 
     def __init__(
@@ -237,10 +238,12 @@ class SuggestionPool:
 
     # ------------------------------------------------------------ the engine's side
 
-    def _start_engine(self, epoch: int) -> tuple[Connection, threading.Thread | BaseProcess]:
-        here, there = multiprocessing.Pipe()
+    def _start_engine(
+        self, epoch: int
+    ) -> tuple[Connection | _LocalEnd, threading.Thread | BaseProcess]:
         engine: threading.Thread | BaseProcess
         if self._process:
+            here, there = multiprocessing.Pipe()
             engine = multiprocessing.get_context("spawn").Process(
                 target=_engine_process,
                 args=(self._store.url, self._settings, there, epoch),
@@ -249,14 +252,13 @@ class SuggestionPool:
             )
             engine.start()
             there.close()  # the child holds its own copy: EOF reaches us when it dies
-        else:
-            engine = threading.Thread(
-                target=_Engine(self._store, self._settings, there, epoch).run,
-                name="suggestions",
-                daemon=True,
-            )
-            engine.start()
-        return here, engine
+            return here, engine
+        # On a thread: the same engine, its messages on queues, nothing pickled.
+        local = _LocalEnd()
+        run = _Engine(self._store, self._settings, epoch, inbox=local.to_engine, outbox=local.out)
+        engine = threading.Thread(target=run.run, name="suggestions", daemon=True)
+        engine.start()
+        return local, engine
 
     def _send(self, message: tuple[Any, ...]) -> None:
         """Send to the engine. One that died takes nothing: its successor rebuilds the
@@ -319,11 +321,33 @@ class MirrorView:
     states: dict[str, int]  # its trials by Optuna state, suggestions included
 
 
+class _LocalEnd:
+    """The pool's end of a channel to an engine on a thread: two queues."""
+
+    CLOSED = ("closed",)
+
+    def __init__(self) -> None:
+        self.to_engine: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.out: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.to_engine.put(message)
+
+    def recv(self) -> tuple[Any, ...]:
+        message = self.out.get()
+        if message == self.CLOSED:
+            raise EOFError
+        return message
+
+    def close(self) -> None:
+        pass
+
+
 def _engine_process(url: str, settings: _EngineSettings, conn: Connection, epoch: int) -> None:
     """The engine's process: its own connection to the database, and the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _Engine(StudyStore(url), settings, conn, epoch).run()
+    _Engine(StudyStore(url), settings, epoch, conn=conn).run()
 
 
 class _Stop(Exception):
@@ -335,11 +359,20 @@ class _Engine:
     ``size`` suggestions of each wanted study sent ahead to the pool."""
 
     def __init__(
-        self, store: StudyStore, settings: _EngineSettings, conn: Connection, epoch: int
+        self,
+        store: StudyStore,
+        settings: _EngineSettings,
+        epoch: int,
+        *,
+        conn: Connection | None = None,
+        inbox: queue.SimpleQueue[tuple[Any, ...]] | None = None,
+        outbox: queue.SimpleQueue[tuple[Any, ...]] | None = None,
     ) -> None:
+        """In a process: ``conn``, the pipe to the pool. On a thread: the pool's queues."""
         self._store = store
         self._settings = settings
         self._conn = conn
+        self._outbox = outbox
         self._rng = random.Random()
         self._mirrors: dict[str, _Mirror] = {}
         self._generations = epoch << 32  # unique across restarts of the engine
@@ -349,11 +382,12 @@ class _Engine:
         self._in_flight: collections.Counter[str] = collections.Counter()  # popped, not bound
         # Messages move from the pipe to this queue on a thread of their own, so that the
         # pool's sends never wait while the sampler fits; ``_read_lock`` keeps one reader.
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = inbox or queue.SimpleQueue()
         self._read_lock = threading.Lock()
 
     def run(self) -> None:
-        threading.Thread(target=self._pump, name="suggestions-pump", daemon=True).start()
+        if self._conn is not None:
+            threading.Thread(target=self._pump, name="suggestions-pump", daemon=True).start()
         try:
             while True:
                 try:
@@ -368,11 +402,16 @@ class _Engine:
                     _log.warning("suggestion engine pass failed; retrying", exc_info=True)
                     time.sleep(1.0)
         finally:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
+            else:
+                assert self._outbox is not None
+                self._outbox.put(_LocalEnd.CLOSED)
 
     # ------------------------------------------------------------ messages
 
     def _pump(self) -> None:
+        assert self._conn is not None
         while True:
             try:
                 # Wait outside the lock: ``_drain`` must not wait for this wait.
@@ -386,7 +425,7 @@ class _Engine:
 
     def _drain(self, *, from_pipe: bool = False) -> None:
         """Apply every message received; ``from_pipe``: every one sent, too."""
-        if from_pipe:
+        if from_pipe and self._conn is not None:
             with self._read_lock:
                 while self._conn.poll(0):
                     self._inbox.put(self._conn.recv())
@@ -398,6 +437,10 @@ class _Engine:
             self._apply(message)
 
     def _reply(self, message: tuple[Any, ...]) -> None:
+        if self._outbox is not None:
+            self._outbox.put(message)
+            return
+        assert self._conn is not None
         try:
             self._conn.send(message)
         except OSError:
