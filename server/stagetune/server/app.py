@@ -220,6 +220,14 @@ class StagetuneServer:
         return self._credentials is not None
 
     def start(self) -> StagetuneServer:
+        try:
+            return self._start()
+        except BaseException:
+            self.service.close()  # the policy's background work: the sampler's process
+            self.tracker.close()
+            raise
+
+    def _start(self) -> StagetuneServer:
         target = f"{self.settings.host}:{self.settings.port}"
         if self._credentials is not None:
             self.port = self.grpc_server.add_secure_port(target, self._credentials)

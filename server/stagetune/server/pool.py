@@ -30,10 +30,12 @@ cost and keep it.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import queue
 import random
@@ -158,6 +160,9 @@ class SuggestionPool:
         self._conn, self._engine = self._start_engine(epoch=0)
         self._reader = threading.Thread(target=self._read, name="suggestions-in", daemon=True)
         self._reader.start()
+        # A server leaving without close() (an error at start, the end of the interpreter):
+        # its engine process is ended on the way out, and is not to be started again.
+        atexit.register(self._leaving)
 
     # ------------------------------------------------------------ called by the policy
 
@@ -225,16 +230,23 @@ class SuggestionPool:
         with self._cond:
             return list(self._ready.get(name, ()))
 
-    def close(self) -> None:
+    def _leaving(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        atexit.unregister(self._leaving)
+        self._leaving()
         self._send(("stop",))
-        self._engine.join(timeout=10)
-        if isinstance(self._engine, BaseProcess) and self._engine.is_alive():
-            self._engine.terminate()
+        with self._send_lock:
+            engine = self._engine
+        engine.join(timeout=5)
+        if isinstance(engine, BaseProcess) and engine.is_alive():
+            engine.kill()  # it holds nothing the database does not
+            engine.join(timeout=5)
+        self._reader.join(timeout=5)
         self._conn.close()
-        self._reader.join(timeout=10)
 
     # ------------------------------------------------------------ the engine's side
 
@@ -271,7 +283,7 @@ class SuggestionPool:
 
     def _read(self) -> None:
         """Take in what the engine sends; start it again if it dies while serving."""
-        epoch = 0
+        epoch, quick, last = 0, 0, -math.inf  # restarts: count, within a minute, latest
         while True:
             try:
                 message = self._conn.recv()
@@ -283,7 +295,13 @@ class SuggestionPool:
                 epoch += 1
                 self.restarts += 1
                 _log.warning("the suggestion engine stopped; starting it again")
+                # One that keeps dying is started again more and more slowly.
+                quick = quick + 1 if time.monotonic() - last < 60 else 0
+                time.sleep(min(0.1 * 2**quick, 30.0))
+                last = time.monotonic()
                 with self._send_lock:
+                    if self._closed:
+                        return
                     self._conn, self._engine = self._start_engine(epoch)
                     for name in self._studies:  # a pop may be waiting on the dead one
                         self._conn.send(("want", name))
