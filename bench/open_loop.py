@@ -5,8 +5,8 @@ Ray Tune's docs report 10,000 trials of 1 s on one 16-CPU node in 715 s against 
 run, each arm with a fresh database:
 
   stagetune/sqlite      16 workers -> stagetune server -> SQLite (WAL), MLflow on (SQLite)
-  stagetune-sampler-thread/sqlite   the same, sampling on a thread of the server
-                        (serve --sampler-thread) instead of its own process
+  stagetune-sampler-process/sqlite   the same, sampling in a process of its own
+                        (serve --sampler-process) instead of a thread of the server
   optuna-rdb/sqlite     16 workers sample locally -> SQLite (WAL) directly
   stagetune/postgresql  the same as stagetune/sqlite on PostgreSQL (storage and MLflow)
   optuna-proxy/sqlite   16 workers -> Optuna's GrpcStorageProxy -> SQLite (WAL)
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = [
     "stagetune/sqlite",
-    "stagetune-sampler-thread/sqlite",
+    "stagetune-sampler-process/sqlite",
     "optuna-rdb/sqlite",
     "stagetune/postgresql",
     "optuna-proxy/sqlite",
@@ -424,8 +424,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             common = (kind, Path(tmp), args.workers, args.trials, args.trial_seconds)
             if system.startswith("stagetune"):
-                in_process = system == "stagetune"
-                got = arm_stagetune(*common, args.max_minutes, args.postgres, in_process)
+                own_process = system == "stagetune-sampler-process"
+                got = arm_stagetune(*common, args.max_minutes, args.postgres, own_process)
             else:
                 proxy = system == "optuna-proxy"
                 got = arm_optuna(*common, args.max_minutes, args.postgres, proxy)

@@ -73,12 +73,7 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def start_server(tmp_path: Path, **overrides: object) -> StagetuneServer:
-    """A started server. Its suggestion engine runs on a thread unless a test asks for
-    the default (its own process, tests/test_pool.py): the same engine and channel,
-    without a second's start-up for each of the suite's few hundred servers."""
-    settings = ServerSettings(
-        host="127.0.0.1", port=0, data_dir=tmp_path / "data", grace=1.0, sampler_process=False
-    )
+    settings = ServerSettings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", grace=1.0)
     for key, value in overrides.items():
         setattr(settings, key, value)
     return make_server(settings).start()

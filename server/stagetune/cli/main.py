@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
         metrics_port=args.metrics_port or None,  # 0: off
-        sampler_process=not args.sampler_thread,
+        sampler_process=args.sampler_process,
     )
     try:
         return run_server(settings)
@@ -288,10 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lease-seconds", type=float, default=120.0, help="trial lease length")
     p.add_argument(
-        "--sampler-thread",
+        "--sampler-process",
         action="store_true",
-        help="sample on a thread of the server rather than in a process of its own: one "
-        "process less, but each TPE fit holds the handlers' interpreter lock",
+        help="sample in a process of its own rather than on a thread of the server, so "
+        "that TPE fits do not hold the handlers' interpreter lock (experimental)",
     )
     p.add_argument(
         "--metrics-port",

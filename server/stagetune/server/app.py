@@ -7,7 +7,7 @@ NOT_SERVING, in-flight calls get ``grace`` seconds to finish, the tracker flushe
 
 The policy is handed in: ``make_server(settings, policy_factory=...)`` builds the server's
 ``Policy`` from its store (server/policy.py); the default is ``OptunaPolicy``, whose
-suggestion engine runs in a process of its own unless ``sampler_process`` is off.
+suggestion engine runs in a process of its own when ``sampler_process`` is on.
 
 A setting the server cannot use (a storage it cannot reach, a tracking URI MLflow refuses,
 a bad token file or certificate) stops the build with ``InvalidArgument`` naming the
@@ -98,7 +98,7 @@ class ServerSettings:
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates (mTLS)
     pipeline_interval: float = 2.0  # seconds between passes of the pipeline loop
     metrics_port: int | None = None  # Prometheus /metrics on host:port; 0 = any free port
-    sampler_process: bool = True  # the suggestion engine in a process of its own (pool.py)
+    sampler_process: bool = False  # the suggestion engine in a process of its own (pool.py)
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or default_storage_url(self.data_dir)

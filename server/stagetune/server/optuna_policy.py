@@ -63,7 +63,7 @@ class OptunaPolicy(Policy):
     """Optuna's samplers over the study store, with MO-ASHA early stopping."""
 
     def __init__(
-        self, store: StudyStore, *, pool_size: int = 8, sampler_process: bool = True
+        self, store: StudyStore, *, pool_size: int = 8, sampler_process: bool = False
     ) -> None:
         self._store = store
         self._studies: dict[str, optuna.Study] = {}

@@ -10,8 +10,8 @@ out count as bad guesses, and consecutive suggestions spread out.
 Everything the service learns (a suggestion handed out as database trial N, a queued
 retry handed out, a trial finished) reaches the mirror as a message on a pipe, applied in
 order by the engine that holds the mirrors: a worker's call never waits for the sampler
-or the mirror. The engine runs in a process of its own (``SuggestionPool`` says why), so
-a TPE fit does not hold the server's interpreter lock.
+or the mirror. The engine can run in a process of its own (``SuggestionPool`` says
+when), so that a TPE fit does not hold the server's interpreter lock.
 
 The database stays the only truth. A mirror is built from it on first use (after a
 restart, too), and rebuilt when the database holds trials the mirror never heard of:
@@ -119,11 +119,12 @@ def running_trial(
 class SuggestionPool:
     """Per-study ready suggestions, made by an engine in the background.
 
-    The engine (``_Engine``: the mirrors and their samplers) runs in a process of its own
-    by default, so that sampling, which is pure Python and holds the interpreter lock while
-    it fits, never competes with the server's handlers for it. ``process=False`` runs it on
-    a thread of the server instead: the same engine and messages, without the process's
-    start (a second or so of imports), which tests and small hosts may prefer. The two
+    The engine (``_Engine``: the mirrors and their samplers) runs on a thread of the
+    server by default. ``process=True`` (``serve --sampler-process``) runs the same engine
+    in a process of its own, so that sampling, which is pure Python and holds the
+    interpreter lock while it fits, never competes with the server's handlers for it; it
+    is not the default yet (README, open loop: a test with servers killed by SIGKILL
+    failed once with it, not understood). The two
     talk over a pipe (on a thread: two queues); an engine that dies (killed, out of
     memory) is started again, and rebuilds its mirrors from the database like a restarted
     server's.
@@ -138,7 +139,7 @@ class SuggestionPool:
         wait_seconds: float = 10.0,
         idle_seconds: float = 600.0,
         history: int = HISTORY,
-        process: bool = True,
+        process: bool = False,
     ) -> None:
         self._store = store
         self.size = size
