@@ -65,12 +65,19 @@ def server_with_study(path: Path, spec: StudySpec, **settings: object) -> Staget
     return srv
 
 
+def pool_server(
+    path: Path, lora_spec: StudySpec
+) -> tuple[StudySpec, StagetuneServer, SuggestionPool]:
+    """A 20-trial study on its own server, and that server's pool."""
+    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
+    srv = server_with_study(path, spec)
+    return spec, srv, srv.service.policy.pool
+
+
 def test_acquires_pop_ready_suggestions_and_the_mirror_learns_each_result(
     tmp_path: Path, lora_spec: StudySpec
 ) -> None:
-    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
-    srv = server_with_study(tmp_path, spec)
-    pool = srv.service.policy.pool
+    spec, srv, pool = pool_server(tmp_path, lora_spec)
     try:
         run_trials(srv.address, spec.name, 1)  # the first acquire builds the mirror
         eventually(lambda: len(pool.ready(spec.name)) == pool.size)
@@ -149,9 +156,7 @@ def test_trials_another_replica_created_make_the_mirror_rebuild(
 def test_a_killed_suggestion_engine_is_started_again_and_the_study_goes_on(
     tmp_path: Path, lora_spec: StudySpec
 ) -> None:
-    spec = dataclasses.replace(lora_spec, budget=BudgetSpec(20, 0))
-    srv = server_with_study(tmp_path, spec)
-    pool = srv.service.policy.pool
+    spec, srv, pool = pool_server(tmp_path, lora_spec)
     try:
         ids = run_trials(srv.address, spec.name, 3)
         pid = pool.engine_pid
