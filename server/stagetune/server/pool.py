@@ -124,10 +124,9 @@ class SuggestionPool:
     in a process of its own, so that sampling, which is pure Python and holds the
     interpreter lock while it fits, never competes with the server's handlers for it; it
     is not the default yet (README, open loop: a test with servers killed by SIGKILL
-    failed once with it, not understood). The two
-    talk over a pipe (on a thread: two queues); an engine that dies (killed, out of
-    memory) is started again, and rebuilds its mirrors from the database like a restarted
-    server's.
+    failed once with it, not understood). The two talk over a pipe (on a thread: two
+    queues); an engine that dies (killed, out of memory) is started again, and rebuilds
+    its mirrors from the database like a restarted server's.
     """
 
     def __init__(
@@ -157,13 +156,15 @@ class SuggestionPool:
         # Seconds each suggestion took the sampler (the latest ones): acquire does not
         # include them, since suggestions are made ahead; benchmarks report them apart.
         self.sample_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
-        self.restarts = 0  # engines started again after dying
-        self._conn, self._engine = self._start_engine(epoch=0)
+        self.restarts = 0  # engines started again after dying; each engine's epoch
+        self._conn, self._engine = self._start_engine()
         self._reader = threading.Thread(target=self._read, name="suggestions-in", daemon=True)
         self._reader.start()
-        # A server leaving without close() (an error at start, the end of the interpreter):
-        # its engine process is ended on the way out, and is not to be started again.
-        atexit.register(self._leaving)
+        if process:
+            # A server leaving without close() (an error at start, the end of the
+            # interpreter): its engine process is ended on the way out, and is not to be
+            # started again.
+            atexit.register(self._leaving)
 
     # ------------------------------------------------------------ called by the policy
 
@@ -251,9 +252,8 @@ class SuggestionPool:
 
     # ------------------------------------------------------------ the engine's side
 
-    def _start_engine(
-        self, epoch: int
-    ) -> tuple[Connection | _LocalEnd, threading.Thread | BaseProcess]:
+    def _start_engine(self) -> tuple[Connection | _LocalEnd, threading.Thread | BaseProcess]:
+        epoch = self.restarts
         engine: threading.Thread | BaseProcess
         if self._process:
             here, there = multiprocessing.Pipe()
@@ -284,7 +284,7 @@ class SuggestionPool:
 
     def _read(self) -> None:
         """Take in what the engine sends; start it again if it dies while serving."""
-        epoch, quick, last = 0, 0, -math.inf  # restarts: count, within a minute, latest
+        quick, last = 0, -math.inf  # restarts within a minute of the one before; the latest
         while True:
             try:
                 message = self._conn.recv()
@@ -293,7 +293,6 @@ class SuggestionPool:
                     if self._closed:
                         return
                     self._ready.clear()  # made by the dead engine's mirrors
-                epoch += 1
                 self.restarts += 1
                 _log.warning("the suggestion engine stopped; starting it again")
                 # One that keeps dying is started again more and more slowly.
@@ -303,7 +302,7 @@ class SuggestionPool:
                 with self._send_lock:
                     if self._closed:
                         return
-                    self._conn, self._engine = self._start_engine(epoch)
+                    self._conn, self._engine = self._start_engine()
                     for name in self._studies:  # a pop may be waiting on the dead one
                         self._conn.send(("want", name))
                 continue
