@@ -276,7 +276,7 @@ def arm_stagetune(
     secs: float,
     minutes: float,
     admin: str,
-    sampler_process: bool = True,
+    sampler_process: bool = False,
 ) -> dict[str, Any]:
     from stagetune.contract.client import StudyClient
     from stagetune.server.app import ServerSettings, make_server
