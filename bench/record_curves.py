@@ -58,6 +58,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "proto")]
 
+from results_file import provenance  # noqa: E402
+
 from stagetune.contract.spec import (  # noqa: E402
     CategoricalParam,
     FloatParam,
@@ -124,6 +126,9 @@ def configurations(
 def _child(stage: str, assignment: Any, out: str) -> None:
     """Run one trial in a forked child and write its outcome as JSON to ``out``."""
     from stagetune.trainer.run_trial import _runner
+
+    tag = provenance(RECORDED_WITH)
+    print(f"recording at commit {tag['commit']}: {tag['versions']}", flush=True)
     from stagetune.trainer.rungs import NullReporter
 
     quiet = os.open(os.devnull, os.O_WRONLY)  # the Trainer's own logging: keep progress clear
@@ -150,8 +155,17 @@ def _child(stage: str, assignment: Any, out: str) -> None:
     Path(out).write_text(json.dumps(row))
 
 
+#: What trained the rows: recorded in every row, with the commit.
+RECORDED_WITH = ("torch", "transformers", "trl", "peft", "accelerate")
+
+
 def record_one(
-    spec: StudySpec, params: dict[str, ParamValue], rungs: list[int], work: Path, seed: int
+    spec: StudySpec,
+    params: dict[str, ParamValue],
+    rungs: list[int],
+    work: Path,
+    seed: int,
+    tag: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one configuration in a forked child; its table row."""
     from stagetune.trainer.assignment import Assignment
@@ -193,6 +207,7 @@ def record_one(
         "rung_steps": rungs,
         "wall_seconds": wall,
         **row,
+        **(tag or {}),  # commit and versions
     }
 
 
@@ -205,7 +220,11 @@ def _describe(row: dict[str, Any], spec: StudySpec) -> str:
 
 
 def record_stage(
-    spec: StudySpec, args: argparse.Namespace, done: set[tuple[str, str, int]], work: Path
+    spec: StudySpec,
+    args: argparse.Namespace,
+    done: set[tuple[str, str, int]],
+    work: Path,
+    tag: dict[str, Any],
 ) -> None:
     grid, todo = configurations(spec, args.configs, args.log_levels, args.lin_levels, args.seed)
     size = math.prod(len(v) for v in grid.values())
@@ -222,7 +241,7 @@ def record_stage(
     for i, (params, seed) in enumerate(runs, 1):
         if (spec.stage, config_key(params), seed) in done:
             continue
-        row = record_one(spec, params, args.rungs, work / spec.stage / str(i), seed)
+        row = record_one(spec, params, args.rungs, work / spec.stage / str(i), seed, tag)
         with gzip.open(args.out, "at") as f:  # one gzip member per row: safe to interrupt
             f.write(json.dumps(row, sort_keys=True) + "\n")
         fresh += 1
@@ -262,12 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from stagetune.trainer.run_trial import _runner
 
+    tag = provenance(RECORDED_WITH)
+    print(f"recording at commit {tag['commit']}: {tag['versions']}", flush=True)
+
     for stage in args.stages:  # the heavy imports, once, before the first fork
         _runner(stage)
     with tempfile.TemporaryDirectory(prefix="stagetune-record-") as tmp:
         for stage in args.stages:
             spec = load_spec_file(args.specs / f"{stage}.yaml")
-            record_stage(spec, args, done, Path(tmp))
+            record_stage(spec, args, done, Path(tmp), tag)
     return 0
 
 

@@ -660,6 +660,17 @@ def _machine() -> str:
     )
 
 
+def recorded_with(rows: list[dict[str, Any]]) -> str:
+    """The commits and library versions the table's rows were trained with (rows recorded
+    before rows were tagged count as untagged)."""
+    tags: dict[str, int] = {}
+    for r in rows:
+        versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+        key = f"commit {r['commit']} ({versions})" if "commit" in r else "untagged"
+        tags[key] = tags.get(key, 0) + 1
+    return "; ".join(f"{n} rows at {key}" for key, n in tags.items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=10)
@@ -717,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Table: `{table_name}` (recording: "
             + ", ".join(f"{s} {m:.1f} min" for s, m in recorded.items())
             + ")  ",
+            f"Recorded with: {recorded_with(rows)}  ",
             f"Machine: {_machine()}  ",
             f"Commit {tag['commit']}, "
             + ", ".join(f"{k} {v}" for k, v in tag["versions"].items())

@@ -53,8 +53,15 @@ def test_every_stage_has_a_config_that_validates(stage: str) -> None:
         ("sft", lambda d: d.update(stage="rlhf"), "stage"),
         (
             "dpo",
-            lambda d: d["search_space"].update(lora_r={"type": "int", "low": 2, "high": 8}),
-            "search_space.lora_r",
+            lambda d: d["search_space"].update(
+                num_generations={"type": "int", "low": 2, "high": 8}
+            ),
+            "search_space.num_generations",
+        ),
+        (
+            "dpo",
+            lambda d: d["search_space"].update(lora_r={"type": "int", "low": -1, "high": 8}),
+            "search_space.lora_r.low",
         ),
         (
             "dpo",
@@ -263,6 +270,39 @@ def test_dpo_starts_from_a_lora_result_logged_to_mlflow(
     assert (Path(dpo.output_dir) / "model" / "adapter_config.json").exists()
     rank0 = json.loads((Path(dpo.output_dir) / "rank-0.json").read_text())
     assert rank0["reference"] == "frozen copy of the starting adapter"
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_r_trains_a_new_adapter_whose_base_is_the_reference(
+    tmp_path: Path,
+) -> None:
+    dpo = assignment(tmp_path, "dpo", params={"lora_r": 4}, save_model=True)
+    run(dpo)
+    saved = Path(dpo.output_dir) / "model"
+    assert (saved / "adapter_config.json").exists()  # the adapter, not a full model
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == 4
+    rank0 = json.loads((Path(dpo.output_dir) / "rank-0.json").read_text())
+    assert rank0["reference"] == "the policy with its adapter disabled"
+
+
+def test_dpo_refuses_a_new_adapter_on_top_of_an_adapter_naming_lora_r(tmp_path: Path) -> None:
+    from peft import get_peft_model
+
+    from stagetune.contract.training import DPOTraining
+    from stagetune.trainer.stages.common import load_model
+    from stagetune.trainer.stages.dpo import new_adapter
+    from stagetune.trainer.stages.lora import lora_config
+    from stagetune.trainer.tiny_model import ensure_model
+
+    model, _ = load_model(ensure_model({"tiny": TINY}, tmp_path))
+    settings = DPOTraining(lora_r=4)
+    assert new_adapter(DPOTraining(), model, None) is None  # lora_r 0: the whole model
+    assert new_adapter(settings, model, None).r == 4
+    adapter = get_peft_model(model, lora_config(settings))
+    with pytest.raises(ValueError, match="^lora_r: runner.model is already a LoRA adapter"):
+        new_adapter(settings, adapter, None)
+    with pytest.raises(ValueError, match="^lora_r: a new adapter's reference is its own base"):
+        new_adapter(settings, model, model)
 
 
 @pytest.mark.parametrize("kind", ["parquet", "datasets-folder", "jsonl.gz"])

@@ -29,6 +29,7 @@ __all__ = [
     "TrainingSettings",
     "PretrainProxyTraining",
     "SFTTraining",
+    "AdapterShape",
     "LoRATraining",
     "DPOTraining",
     "GRPOTraining",
@@ -206,21 +207,35 @@ class SFTTraining(TrainingSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRATraining(SFTTraining):
-    """A peft LoRA adapter trained with trl's SFTTrainer."""
+class AdapterShape:
+    """The shape of a peft LoRA adapter, for a stage that can train one (its ``lora_r``
+    is the stage's own: LoRA always trains an adapter, DPO only when ``lora_r`` > 0)."""
 
-    lora_r: int = knob(8, "adapter rank", low=1, high=1024)
     lora_alpha: int = knob(16, "adapter scale numerator (scale = alpha / r)", low=1, high=4096)
     lora_dropout: float = knob(0.05, "dropout on the adapter's input", low=0.0, high=0.9)
     lora_target_modules: str = knob("all-linear", "'all-linear' or comma-separated module names")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DPOTraining(TrainingSettings):
+class LoRATraining(AdapterShape, SFTTraining):
+    """A peft LoRA adapter trained with trl's SFTTrainer."""
+
+    lora_r: int = knob(8, "adapter rank", low=1, high=1024)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOTraining(AdapterShape, TrainingSettings):
     """Preference tuning with trl's DPOTrainer."""
 
     beta: float = knob(0.1, "KL strength", positive=True, high=100.0)
     loss_type: str = knob("sigmoid", "trl's DPO loss", choices=_DPO_LOSSES)
+    lora_r: int = knob(
+        0,
+        "rank of a new LoRA adapter to train (its base, with the adapter off, is the "
+        "reference: no second copy of the model); 0 = train the whole model",
+        low=0,
+        high=1024,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,11 @@ chosen above rejected) and the mean reward margin, at every rung. The implicit r
 measured against a reference: the starting model, or ``runner.reference_model``. An
 evaluation (``runner.evaluate``) scores a trained policy (``runner.model``) against the model
 it was trained from, which it therefore needs as ``runner.reference_model``.
+
+With ``lora_r`` > 0 a trial trains a new LoRA adapter on the starting model instead of the
+whole model; trl then takes the reference from the same weights with the adapter off, so
+the trial holds one copy of the model and optimizer state for the adapter alone: rank,
+batch size and gradient checkpointing are what move a DPO trial's memory and cost.
 """
 
 from __future__ import annotations
@@ -21,11 +26,33 @@ from stagetune.contract.training import DPOTraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.common import Trial, trainer_quality
+from stagetune.trainer.stages.lora import lora_config
 
-__all__ = ["run_dpo", "METRIC_MAP"]
+__all__ = ["run_dpo", "new_adapter", "METRIC_MAP"]
 
 #: DPOTrainer's evaluation keys -> stagetune metric names.
 METRIC_MAP = {"eval_rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "reward_margin"}
+
+
+def new_adapter(settings: DPOTraining, model: Any, reference: Any | None) -> Any | None:
+    """The LoRA adapter to train when ``lora_r`` > 0 (trl then scores the reference with the
+    adapter switched off, so no second copy of the model is held); None for a full-model
+    trial or an evaluation."""
+    from peft import PeftModel
+
+    if settings.lora_r == 0:
+        return None
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "lora_r: runner.model is already a LoRA adapter, which a DPO trial trains as it "
+            "is; leave lora_r at 0 (or start from a merged model)"
+        )
+    if reference is not None:
+        raise ValueError(
+            "lora_r: a new adapter's reference is its own base with the adapter off; "
+            "drop runner.reference_model or leave lora_r at 0"
+        )
+    return lora_config(settings)
 
 
 def run_dpo(a: Assignment, reporter: Reporter) -> TrialResult:
@@ -47,6 +74,7 @@ def run_dpo(a: Assignment, reporter: Reporter) -> TrialResult:
         else:
             model, tokenizer = t.load_model(keep_adapter=True)
             train = data.dataset("train")
+        adapter = None if t.evaluating else new_adapter(t.settings, model, reference)
         loss = t.settings.loss_type
         args = DPOConfig(
             **t.training_args(),
@@ -62,6 +90,7 @@ def run_dpo(a: Assignment, reporter: Reporter) -> TrialResult:
             train_dataset=train,
             eval_dataset=held_out,
             processing_class=tokenizer,
+            peft_config=adapter,
             callbacks=[t.rung_callback(metric_map=METRIC_MAP)],
         )
         kept: list[tuple[str, Any]] = [(data.held_out, trainer.eval_dataset)]

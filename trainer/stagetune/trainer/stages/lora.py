@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stagetune.contract.training import LoRATraining
+from stagetune.contract.training import DPOTraining, LoRATraining
 from stagetune.trainer.assignment import Assignment, TrialResult
 from stagetune.trainer.rungs import Reporter
 from stagetune.trainer.stages.sft import run_sft_like
@@ -12,7 +12,8 @@ from stagetune.trainer.stages.sft import run_sft_like
 __all__ = ["run_lora", "lora_config"]
 
 
-def lora_config(settings: LoRATraining) -> Any:
+def lora_config(settings: LoRATraining | DPOTraining) -> Any:
+    """peft's LoraConfig for a stage's adapter settings (its ``lora_r`` and shape)."""
     from peft import LoraConfig
 
     targets = settings.lora_target_modules
