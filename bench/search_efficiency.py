@@ -514,7 +514,7 @@ def _pct(x: float) -> str:
     return "never" if math.isinf(x) else f"{100 * x:.0f}%"
 
 
-def _iqr(values: Sequence[float]) -> str:
+def _iqr(values: Sequence[float] | np.ndarray) -> str:
     q1, q2, q3 = np.percentile(values, [25, 50, 75])
     return f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
 

@@ -151,7 +151,9 @@ class SuggestionPool:
         self._asked = itertools.count()
         self._closed = False
         self._send_lock = threading.Lock()  # guards _conn, _engine and _studies
-        self._studies: set[str] = set()  # every study asked for, to tell a new engine
+        # Studies asked for (name -> when, monotonic): a new engine is told those asked
+        # for lately (a pop waits at most wait_seconds; a mirror lives idle_seconds).
+        self._studies: dict[str, float] = {}
         self.misses = 0  # pops that had to wait for the sampler
         # Seconds each suggestion took the sampler (the latest ones): acquire does not
         # include them, since suggestions are made ahead; benchmarks report them apart.
@@ -278,7 +280,7 @@ class SuggestionPool:
         mirrors from the database, which holds whatever the message said."""
         with self._send_lock:
             if message[0] == "want":
-                self._studies.add(message[1])
+                self._studies[message[1]] = time.monotonic()
             with contextlib.suppress(OSError):
                 self._conn.send(message)
 
@@ -303,6 +305,9 @@ class SuggestionPool:
                     if self._closed:
                         return
                     self._conn, self._engine = self._start_engine()
+                    lately = max(self._settings.idle_seconds, self._wait_seconds)
+                    since = time.monotonic() - lately
+                    self._studies = {k: t for k, t in self._studies.items() if t >= since}
                     for name in self._studies:  # a pop may be waiting on the dead one
                         self._conn.send(("want", name))
                 continue
