@@ -19,9 +19,10 @@ tables, budget and seeds. MO-TPE and NSGA-II at full budget run beside them.
                  front+wait with a grace period: min_steps times eta, so the first rung
                  the table records decisions at stops nothing
   front+wait+brackets
-                 front+wait hedged as asynchronous Hyperband over shared rungs: trial n
-                 is in bracket n % 3; bracket b is not stopped at its first b rungs (with
-                 the tables' two decision rungs, bracket 2 always runs in full)
+                 front+wait with fidelity.brackets = 3, asynchronous Hyperband's hedge over
+                 shared rungs: trial n is in bracket n % 3; bracket b is not stopped at its
+                 first b rungs (with the tables' two decision rungs, bracket 2 always runs
+                 in full)
 
 The study configs are ``configs/<stage>.yaml`` with ``min_reports`` set by the candidate.
 Reported per stage and candidate: median final hypervolume (normalised by the table's
@@ -42,7 +43,6 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -72,7 +72,7 @@ class Candidate:
     keep_front: bool
     wait: bool  # min_reports = 4 * reduction_factor (else 0: the factor itself)
     grace: bool = False  # min_steps times the reduction factor: the first rung stops nothing
-    brackets: int = 1  # trial number % brackets = b: stopped at none of its first b rungs
+    brackets: int = 1  # fidelity.brackets: bracket b (trial number % brackets) skips b rungs
 
 
 CANDIDATES = {
@@ -91,25 +91,8 @@ def _with(table: Table, c: Candidate) -> Table:
     start = fidelity.min_steps
     if c.grace:
         start = int(round(start * fidelity.reduction_factor))
-    fidelity = replace(fidelity, min_reports=wait, min_steps=start)
+    fidelity = replace(fidelity, min_reports=wait, min_steps=start, brackets=c.brackets)
     return replace(table, spec=replace(table.spec, fidelity=fidelity))
-
-
-def _bracketed(decide: Callable[..., tuple[bool, str]], brackets: int) -> Callable[..., Any]:
-    """``OptunaPolicy.decide`` with asynchronous Hyperband's hedge over shared rungs: trial
-    number n is in bracket n % brackets, and bracket b stops nothing at its first b rungs
-    (the last bracket, with as many brackets as decision rungs plus one, runs every trial
-    in full). Rivals are every trial at the rung, whatever its bracket."""
-
-    def patched(
-        self: Any, spec: Any, trial: Any, step: int, metrics: dict[str, float]
-    ) -> tuple[bool, str]:
-        rungs = spec.fidelity.rungs()
-        if step in rungs and rungs.index(step) < trial.number % brackets:
-            return False, ""
-        return decide(self, spec, trial, step, metrics)
-
-    return patched
 
 
 def main() -> None:
@@ -148,9 +131,6 @@ def main() -> None:
                 c = CANDIDATES[arm]
                 rule = partial(rung_decision, keep_front=c.keep_front)
                 optuna_policy.__dict__["rung_decision"] = rule  # what decide() calls
-                decide = optuna_policy.OptunaPolicy.decide
-                if c.brackets > 1:
-                    optuna_policy.OptunaPolicy.decide = _bracketed(decide, c.brackets)  # type: ignore[method-assign]
                 raced = _with(table, c)
                 try:
                     traces = [
@@ -158,7 +138,6 @@ def main() -> None:
                     ]
                 finally:
                     optuna_policy.__dict__["rung_decision"] = rung_decision
-                    optuna_policy.OptunaPolicy.decide = decide  # type: ignore[method-assign]
             for u in UNITS:
                 curves[arm, u] = np.array([curve(t, u, table.budget[u]) for t in traces])
             print(f"{stage} {arm}: {time.perf_counter() - started:.0f} s", flush=True)

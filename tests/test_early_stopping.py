@@ -9,7 +9,13 @@ import yaml
 
 from stagetune.contract.client import StudyClient, WorkerClient
 from stagetune.contract.errors import FailedPrecondition, InvalidArgument
-from stagetune.contract.spec import BudgetSpec, StudySpec, spec_from_mapping, spec_from_proto
+from stagetune.contract.spec import (
+    BudgetSpec,
+    StudySpec,
+    spec_from_mapping,
+    spec_from_proto,
+    validate_spec,
+)
 from stagetune.v1 import types_pb2 as pb
 from tests.conftest import REPO
 
@@ -110,6 +116,41 @@ def test_a_bad_min_reports_is_refused_naming_the_field(
         study_client.create_study(dataclasses.replace(lora_spec, fidelity=fidelity))
     assert err.value.field == "fidelity.min_reports"
     assert not [s for s in study_client.list_studies() if s.spec.name == lora_spec.name]
+
+
+def test_with_brackets_a_trial_is_not_stopped_at_its_brackets_first_rungs(
+    worker_client: WorkerClient, study_client: StudyClient, lora_spec: StudySpec
+) -> None:
+    fidelity = dataclasses.replace(lora_spec.fidelity, brackets=2)
+    spec = dataclasses.replace(
+        lora_spec, early_stopping="mo_asha", budget=BudgetSpec(8, 0), fidelity=fidelity
+    )
+    assert fidelity.rungs() == [8, 16, 32]
+    study_client.create_study(spec)
+    stored = spec_from_proto(study_client.get_study(spec.name).spec)
+    assert stored.fidelity.brackets == 2  # through the wire and the store
+    first, _, _ = _report(worker_client, "w0", 8, 2.0, 500.0)  # trial 0: bracket 0
+    hedged, stop, _ = _report(worker_client, "w1", 8, 3.0, 600.0)  # trial 1: bracket 1
+    assert not stop  # dominated, but bracket 1 is not stopped at its first rung
+    _, stop, reason = _report(worker_client, "w2", 8, 3.0, 600.0)  # trial 2: bracket 0
+    assert stop and f"dominated by trials {first}" in reason
+    # From its bracket's second rung on, trial 1 is ranked like any other.
+    worker_client.report_progress(first, "w0", 16, {"eval_loss": 1.5, "peak_memory_mb": 500.0})
+    d = worker_client.report_progress(hedged, "w1", 16, {"eval_loss": 2.5, "peak_memory_mb": 600.0})
+    assert d.stop and "stopped at rung 16" in d.reason
+
+
+def test_brackets_are_read_from_a_config_and_bounded_by_the_rungs() -> None:
+    data = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
+    data["fidelity"] = {"min_steps": 8, "max_steps": 32, "reduction_factor": 2, "brackets": 3}
+    assert spec_from_mapping(data).fidelity.brackets == 3
+    del data["fidelity"]["brackets"]
+    assert spec_from_mapping(data).fidelity.brackets == 1  # one bracket: plain MO-ASHA
+    data["fidelity"]["brackets"] = 4
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(spec_from_mapping(data))
+    assert err.value.field == "fidelity.brackets"
+    assert str(err.value) == "fidelity.brackets: must be between 1 and 3 (the rungs [8, 16, 32])"
 
 
 def test_min_reports_is_read_from_a_config_and_never_below_the_reduction_factor() -> None:

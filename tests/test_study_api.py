@@ -52,6 +52,13 @@ def test_a_different_spec_under_the_same_name_is_refused(
         ),
         (lambda m: setattr(m.fidelity, "reduction_factor", 1.0), "fidelity.reduction_factor"),
         (lambda m: setattr(m.fidelity, "min_reports", -3), "fidelity.min_reports"),
+        # A hair above 1: listing its rungs (every acquire does) would take hours.
+        (
+            lambda m: setattr(m.fidelity, "reduction_factor", 1.0 + 1e-12),
+            "fidelity.reduction_factor",
+        ),
+        (lambda m: setattr(m.fidelity, "brackets", 4), "fidelity.brackets"),  # 3 rungs
+        (lambda m: setattr(m.fidelity, "brackets", -1), "fidelity.brackets"),
         (lambda m: setattr(m.budget, "max_trials", 0), "budget.max_trials"),
         (lambda m: setattr(m, "name", "../etc"), "name"),
         (

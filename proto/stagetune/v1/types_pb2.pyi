@@ -170,16 +170,18 @@ class Objective(_message.Message):
     def __init__(self, metric: _Optional[str] = ..., direction: _Optional[_Union[Direction, str]] = ..., reference: _Optional[float] = ...) -> None: ...
 
 class Fidelity(_message.Message):
-    __slots__ = ("min_steps", "max_steps", "reduction_factor", "min_reports")
+    __slots__ = ("min_steps", "max_steps", "reduction_factor", "min_reports", "brackets")
     MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     REDUCTION_FACTOR_FIELD_NUMBER: _ClassVar[int]
     MIN_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    BRACKETS_FIELD_NUMBER: _ClassVar[int]
     min_steps: int
     max_steps: int
     reduction_factor: float
     min_reports: int
-    def __init__(self, min_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., reduction_factor: _Optional[float] = ..., min_reports: _Optional[int] = ...) -> None: ...
+    brackets: int
+    def __init__(self, min_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., reduction_factor: _Optional[float] = ..., min_reports: _Optional[int] = ..., brackets: _Optional[int] = ...) -> None: ...
 
 class SamplerSpec(_message.Message):
     __slots__ = ("kind", "seed")

@@ -126,10 +126,10 @@ class OptunaPolicy(Policy):
         objectives that the rung report carries (eval_loss and peak_memory_mb, say; decode
         latency is only measured at the end), against every other trial of the study that
         reported at the same step. The last rung always continues: the trial then
-        completes with its full measurements.
+        completes with its full measurements. With ``fidelity.brackets`` > 1, a trial is
+        not stopped at its bracket's first rungs (``FidelitySpec.stops_at``).
         """
-        rungs = spec.fidelity.rungs()
-        if spec.early_stopping != "mo_asha" or step not in rungs[:-1]:
+        if spec.early_stopping != "mo_asha" or not spec.fidelity.stops_at(step, trial.number):
             return False, ""
         objectives = [o for o in spec.objectives if o.metric in metrics]
         if not objectives:

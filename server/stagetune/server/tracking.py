@@ -170,7 +170,8 @@ def _flat_params(spec: StudySpec) -> dict[str, str]:
         "max_trials": str(spec.budget.max_trials),
         "max_retries": str(spec.budget.max_retries),
         "fidelity": f"{spec.fidelity.min_steps}..{spec.fidelity.max_steps}"
-        f" eta={spec.fidelity.reduction_factor:g} min_reports={spec.fidelity.reports_to_stop}",
+        f" eta={spec.fidelity.reduction_factor:g} min_reports={spec.fidelity.reports_to_stop}"
+        + (f" brackets={spec.fidelity.brackets}" if spec.fidelity.brackets > 1 else ""),
         "objectives": ", ".join(f"{o.metric}:{o.direction}" for o in spec.objectives),
     }
     for p in spec.search_space:

@@ -82,6 +82,9 @@ class FidelitySpec:
     max_steps: int
     reduction_factor: float = 3.0
     min_reports: int = 0  # early stopping waits for this many reports at a rung (see below)
+    # Asynchronous Hyperband's hedge: trial number n is in bracket n % brackets, and a
+    # trial of bracket b is not stopped at its first b rungs (1: one bracket, plain ASHA).
+    brackets: int = 1
 
     @property
     def reports_to_stop(self) -> int:
@@ -89,6 +92,12 @@ class FidelitySpec:
         and never fewer than ``ceil(reduction_factor)`` (below that, every trial is in the
         top ``1/reduction_factor``)."""
         return max(self.min_reports, math.ceil(self.reduction_factor))
+
+    def stops_at(self, step: int, number: int) -> bool:
+        """Whether early stopping may stop trial ``number`` at ``step``: a rung below the
+        last, and not one of the first ``number % brackets`` rungs (its bracket's)."""
+        rungs = self.rungs()
+        return step in rungs[:-1] and rungs.index(step) >= number % self.brackets
 
     def rungs(self) -> list[int]:
         """Rung budgets: min_steps · η^i below max_steps, then max_steps itself."""

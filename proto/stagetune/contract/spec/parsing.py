@@ -155,7 +155,9 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
         )
 
     fid = as_mapping(data.get("fidelity"), "fidelity")
-    check_known(fid, {"min_steps", "max_steps", "reduction_factor", "min_reports"}, "fidelity")
+    check_known(
+        fid, {"min_steps", "max_steps", "reduction_factor", "min_reports", "brackets"}, "fidelity"
+    )
     if "max_steps" not in fid:
         raise InvalidArgument("fidelity.max_steps", "is required")
     max_steps = as_number(fid["max_steps"], "fidelity.max_steps", int)
@@ -164,6 +166,7 @@ def spec_from_mapping(data: Mapping[str, Any]) -> StudySpec:
         max_steps,
         as_number(fid.get("reduction_factor", 3.0), "fidelity.reduction_factor"),
         as_number(fid.get("min_reports", 0), "fidelity.min_reports", int),
+        as_number(fid.get("brackets", 1), "fidelity.brackets", int),
     )
 
     bud = as_mapping(data.get("budget"), "budget")

@@ -9,6 +9,7 @@ is meant to be, by ``stagetune.contract.datafiles.check_data_files``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -53,6 +54,8 @@ LIMITS = {
 }
 #: Largest device-hour budget: a million device-hours, far above any study.
 MAX_DEVICE_HOURS = 1e6
+#: Rungs a study may have, the last (max_steps) included.
+MAX_RUNGS = 100
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -215,8 +218,21 @@ def validate_spec(spec: StudySpec) -> None:
     check_finite(f.reduction_factor, "fidelity.reduction_factor")
     if f.reduction_factor <= 1:
         raise InvalidArgument("fidelity.reduction_factor", "must be > 1")
+    # Counted without listing them: a factor a hair above 1 would make listing the rungs,
+    # which every acquire and rung report does, take hours.
+    if math.log(f.max_steps / f.min_steps) / math.log(f.reduction_factor) > MAX_RUNGS - 1:
+        raise InvalidArgument(
+            "fidelity.reduction_factor",
+            f"gives more than {MAX_RUNGS} rungs from min_steps {f.min_steps} to max_steps "
+            f"{f.max_steps}; raise it",
+        )
     if not 0 <= f.min_reports <= 100_000:
         raise InvalidArgument("fidelity.min_reports", "must be between 0 and 100000")
+    rungs = f.rungs()
+    if not 1 <= f.brackets <= len(rungs):
+        raise InvalidArgument(
+            "fidelity.brackets", f"must be between 1 and {len(rungs)} (the rungs {rungs})"
+        )
     if not 1 <= spec.budget.max_trials <= 100_000:
         raise InvalidArgument("budget.max_trials", "must be between 1 and 100000")
     if not 0 <= spec.budget.max_retries <= 10:

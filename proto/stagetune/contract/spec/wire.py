@@ -75,6 +75,7 @@ def spec_to_proto(spec: StudySpec) -> pb.StudySpec:
             max_steps=spec.fidelity.max_steps,
             reduction_factor=spec.fidelity.reduction_factor,
             min_reports=spec.fidelity.min_reports,
+            brackets=spec.fidelity.brackets,
         ),
         budget=pb.Budget(max_trials=spec.budget.max_trials, max_retries=spec.budget.max_retries),
         sampler=pb.SamplerSpec(kind=_SAMPLERS.to_proto[spec.sampler.kind]),
@@ -174,6 +175,7 @@ def spec_from_proto(msg: pb.StudySpec) -> StudySpec:
             msg.fidelity.max_steps,
             msg.fidelity.reduction_factor,
             msg.fidelity.min_reports,
+            msg.fidelity.brackets or 1,  # 0: a client from before brackets
         ),
         budget=BudgetSpec(
             msg.budget.max_trials,
