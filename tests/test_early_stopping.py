@@ -27,6 +27,18 @@ def asha_spec(study_client: StudyClient, lora_spec: StudySpec) -> StudySpec:
     return spec
 
 
+def asha_study(client: StudyClient, base: StudySpec, **fidelity: int) -> StudySpec:
+    """``base`` with MO-ASHA, 8 trials and ``fidelity`` changed, created; as stored."""
+    spec = dataclasses.replace(
+        base,
+        early_stopping="mo_asha",
+        budget=BudgetSpec(8, 0),
+        fidelity=dataclasses.replace(base.fidelity, **fidelity),
+    )
+    client.create_study(spec)
+    return spec_from_proto(client.get_study(spec.name).spec)
+
+
 def _report(
     wc: WorkerClient, worker: str, step: int, loss: float, memory: float
 ) -> tuple[int, bool, str]:
@@ -94,12 +106,7 @@ def test_status_shows_why_a_trial_was_stopped(
 def test_min_reports_holds_every_stop_until_the_rung_has_that_many_reports(
     worker_client: WorkerClient, study_client: StudyClient, lora_spec: StudySpec
 ) -> None:
-    fidelity = dataclasses.replace(lora_spec.fidelity, min_reports=3)
-    spec = dataclasses.replace(
-        lora_spec, early_stopping="mo_asha", budget=BudgetSpec(8, 0), fidelity=fidelity
-    )
-    study_client.create_study(spec)
-    stored = spec_from_proto(study_client.get_study(spec.name).spec)
+    stored = asha_study(study_client, lora_spec, min_reports=3)
     assert stored.fidelity.min_reports == 3  # through the wire and the store
     _report(worker_client, "w1", 8, 2.0, 500.0)
     _, stop, _ = _report(worker_client, "w2", 8, 3.0, 600.0)
@@ -121,14 +128,9 @@ def test_a_bad_min_reports_is_refused_naming_the_field(
 def test_with_brackets_a_trial_is_not_stopped_at_its_brackets_first_rungs(
     worker_client: WorkerClient, study_client: StudyClient, lora_spec: StudySpec
 ) -> None:
-    fidelity = dataclasses.replace(lora_spec.fidelity, brackets=2)
-    spec = dataclasses.replace(
-        lora_spec, early_stopping="mo_asha", budget=BudgetSpec(8, 0), fidelity=fidelity
-    )
-    assert fidelity.rungs() == [8, 16, 32]
-    study_client.create_study(spec)
-    stored = spec_from_proto(study_client.get_study(spec.name).spec)
+    stored = asha_study(study_client, lora_spec, brackets=2)
     assert stored.fidelity.brackets == 2  # through the wire and the store
+    assert stored.fidelity.rungs() == [8, 16, 32]
     first, _, _ = _report(worker_client, "w0", 8, 2.0, 500.0)  # trial 0: bracket 0
     hedged, stop, _ = _report(worker_client, "w1", 8, 3.0, 600.0)  # trial 1: bracket 1
     assert not stop  # dominated, but bracket 1 is not stopped at its first rung
