@@ -181,3 +181,22 @@ def test_float_param_ranges_survive_the_wire(
     lr = next(p for p in study.spec.search_space if p.name == "learning_rate")
     assert isinstance(lora_spec.param("learning_rate"), FloatParam)
     assert (lr.float_range.low, lr.float_range.high, lr.float_range.log) == (1e-4, 3e-2, True)
+
+
+def test_a_study_whose_creation_a_crash_cut_short_can_be_created_again(
+    server: StagetuneServer, study_client: StudyClient, lora_spec: StudySpec
+) -> None:
+    import optuna
+
+    # What a server killed inside create_study leaves: Optuna's study row, no spec yet.
+    directions = [optuna.study.StudyDirection[d.upper()] for d in lora_spec.directions]
+    server.store.optuna_storage.create_new_study(directions, lora_spec.name)
+    assert not server.store.study_exists(lora_spec.name)  # invisible, not a study
+    assert study_client.list_studies() == []
+    with pytest.raises(NotFound):
+        study_client.get_study(lora_spec.name)
+    study, created = study_client.create_study(lora_spec)  # the name is not held forever
+    assert created and study.spec.name == lora_spec.name
+    assert [s.spec.name for s in study_client.list_studies()] == [lora_spec.name]
+    with WorkerClient(server.address) as wc:  # and it serves trials
+        assert wc.acquire("w1", study_name=lora_spec.name).trial.number == 0

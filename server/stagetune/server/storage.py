@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import warnings
 import zlib
@@ -32,6 +33,8 @@ from stagetune.server.database import open_database, storage_errors
 from stagetune.server.records import StudyHead, StudyRecord, StudyStateName, TrialStateName
 from stagetune.server.trial_store import STATE_NAME, TrialStore, trial_state
 from stagetune.v1 import types_pb2 as pb
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["StudyStore", "Counts", "StudyTally"]
 
@@ -142,6 +145,7 @@ class StudyStore(TrialStore):
         ``team`` (the owner, if any) is written with it, before anyone can see it."""
         spec_json = json_format.MessageToJson(spec_to_proto(spec), sort_keys=True)
         with self._create_lock:
+            self._clear_unfinished(spec.name)
             if self.study_exists(spec.name):
                 existing = self.get_study(spec.name)
                 if existing.spec.canonical_json() != spec.canonical_json():
@@ -171,13 +175,28 @@ class StudyStore(TrialStore):
                 raise
         return self.get_study(spec.name), True
 
+    def _clear_unfinished(self, name: str) -> None:
+        """Remove the study ``name`` if its creation was cut short: Optuna's row written,
+        the server killed before the spec (the next write) was. Such a study is invisible
+        (``study_exists`` is False) and would otherwise hold the name forever."""
+        try:
+            study_id = self._study_id(name)
+        except NotFound:
+            return
+        if at.SPEC not in rdb.study_attrs(self.optuna_storage, study_id, [at.SPEC]):
+            _log.warning("study %r: removing a creation cut short (no spec written)", name)
+            self.optuna_storage.delete_study(study_id)
+            self._ids.pop(name, None)
+
     @storage_errors
     def study_exists(self, name: str) -> bool:
+        """Whether the study exists: its spec, the first thing written after Optuna's own
+        row, is stored (a creation cut short by a crash does not count)."""
         try:
-            self._study_id(name)
+            study_id = self._study_id(name)
         except NotFound:
             return False
-        return True
+        return at.SPEC in rdb.study_attrs(self.optuna_storage, study_id, [at.SPEC])
 
     @storage_errors
     def owner(self, name: str) -> str | None:
