@@ -123,8 +123,8 @@ class SuggestionPool:
     server by default. ``process=True`` (``serve --sampler-process``) runs the same engine
     in a process of its own, so that sampling, which is pure Python and holds the
     interpreter lock while it fits, never competes with the server's handlers for it; it
-    is not the default yet (README, open loop: a test with servers killed by SIGKILL
-    failed once with it, not understood). The two talk over a pipe (on a thread: two
+    is not the default yet (README, open loop: once, a server with it did not exit within
+    60 s of SIGTERM, not understood). The two talk over a pipe (on a thread: two
     queues); an engine that dies (killed, out of memory) is started again, and rebuilds
     its mirrors from the database like a restarted server's.
     """
