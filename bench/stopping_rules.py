@@ -16,8 +16,9 @@ tables, budget and seeds. MO-TPE and NSGA-II at full budget run beside them.
   front+wait     the server's rule with min_reports = 4 * eta (what the packaged sft,
                  pretrain_proxy, dpo and grpo configs set)
   front+wait+grace
-                 front+wait with a grace period: min_steps times eta, so the first rung
-                 the table records decisions at stops nothing
+                 front+wait with a grace period: min_steps times eta, so the config's
+                 first rung stops nothing (the recorded run had dpo's first rung at 8;
+                 configs/dpo.yaml has it at 16 since, where this leaves no rung to stop at)
   front+wait+brackets
                  front+wait with fidelity.brackets = 3, asynchronous Hyperband's hedge over
                  shared rungs: trial n is in bracket n % 3; bracket b is not stopped at its
