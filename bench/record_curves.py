@@ -128,9 +128,6 @@ def configurations(
 def _child(stage: str, assignment: Any, out: str) -> None:
     """Run one trial in a forked child and write its outcome as JSON to ``out``."""
     from stagetune.trainer.run_trial import _runner
-
-    tag = provenance(RECORDED_WITH)
-    print(f"recording at commit {tag['commit']}: {tag['versions']}", flush=True)
     from stagetune.trainer.rungs import NullReporter
 
     quiet = os.open(os.devnull, os.O_WRONLY)  # the Trainer's own logging: keep progress clear
