@@ -145,8 +145,10 @@ class StudyStore(TrialStore):
         ``team`` (the owner, if any) is written with it, before anyone can see it."""
         spec_json = json_format.MessageToJson(spec_to_proto(spec), sort_keys=True)
         with self._create_lock:
-            self._clear_unfinished(spec.name)
-            if self.study_exists(spec.name):
+            found = self._found(spec.name)
+            if found is not None and not found[1]:
+                self._clear_unfinished(spec.name, found[0])
+            elif found is not None:
                 existing = self.get_study(spec.name)
                 if existing.spec.canonical_json() != spec.canonical_json():
                     raise AlreadyExists(
@@ -175,28 +177,28 @@ class StudyStore(TrialStore):
                 raise
         return self.get_study(spec.name), True
 
-    def _clear_unfinished(self, name: str) -> None:
-        """Remove the study ``name`` if its creation was cut short: Optuna's row written,
-        the server killed before the spec (the next write) was. Such a study is invisible
-        (``study_exists`` is False) and would otherwise hold the name forever."""
+    def _found(self, name: str) -> tuple[int, bool] | None:
+        """(Optuna's study id, whether its spec is written) for ``name``; None: no row. The
+        spec is the first write after Optuna's row: without it, a creation was cut short."""
         try:
             study_id = self._study_id(name)
         except NotFound:
-            return
-        if at.SPEC not in rdb.study_attrs(self.optuna_storage, study_id, [at.SPEC]):
-            _log.warning("study %r: removing a creation cut short (no spec written)", name)
-            self.optuna_storage.delete_study(study_id)
-            self._ids.pop(name, None)
+            return None
+        return study_id, at.SPEC in rdb.study_attrs(self.optuna_storage, study_id, [at.SPEC])
+
+    def _clear_unfinished(self, name: str, study_id: int) -> None:
+        """Remove a study whose creation was cut short (the server killed between Optuna's
+        row and the spec): invisible to ``study_exists``, it would hold the name forever."""
+        _log.warning("study %r: removing a creation cut short (no spec written)", name)
+        self.optuna_storage.delete_study(study_id)
+        self._ids.pop(name, None)
 
     @storage_errors
     def study_exists(self, name: str) -> bool:
-        """Whether the study exists: its spec, the first thing written after Optuna's own
-        row, is stored (a creation cut short by a crash does not count)."""
-        try:
-            study_id = self._study_id(name)
-        except NotFound:
-            return False
-        return at.SPEC in rdb.study_attrs(self.optuna_storage, study_id, [at.SPEC])
+        """Whether the study exists: its spec is stored (a creation cut short by a crash
+        does not count)."""
+        found = self._found(name)
+        return found is not None and found[1]
 
     @storage_errors
     def owner(self, name: str) -> str | None:
