@@ -153,3 +153,37 @@ def test_two_cpu_ranks_train_one_trial_and_count_two_devices(tmp_path: Path) -> 
     assert ranks[0]["settings"] == ranks[1]["settings"]
     assert ranks[0]["settings"]["learning_rate"] == a.params["learning_rate"]
     assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-6)
+
+
+def test_the_served_form_merges_the_adapter_and_computes_what_it_computed(
+    tmp_path: Path,
+) -> None:
+    """Final quality and decode latency are measured on the model as served (and as the
+    next stage loads it): the adapter merged into its base, its outputs unchanged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from stagetune.trainer.stages.common import served
+
+    path = ensure_model({"tiny": TINY}, tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(path)
+    # A non-zero adapter (peft's default initialises B to zero: a no-op adapter).
+    adapter = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        before = adapter(input_ids=ids).logits
+        with adapter.disable_adapter():
+            without = adapter(input_ids=ids).logits
+        merged = served(adapter)
+        after = merged(input_ids=ids).logits
+    assert not torch.allclose(before, without)  # the adapter matters
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    assert not hasattr(merged, "peft_config")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert served(merged) is merged  # a plain model is served as it is

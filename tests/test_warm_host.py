@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 PROBE = """
 import ctypes, json, os, signal, sys, time
 preloaded = "transformers" in sys.modules  # before this script imports anything heavy
+deepspeed_preloaded = "deepspeed" in sys.modules
 import torch
 from stagetune.sdk import current_trial
 
@@ -47,6 +48,7 @@ def rss_mb(pid):
 t = current_trial()
 seen = {
     "preloaded": float(preloaded),
+    "deepspeed_preloaded": float(deepspeed_preloaded),
     "leaked_env": float("STAGETUNE_LEAK" in os.environ),
     "leaked_global": float(hasattr(json, "LEAKED")),
     "leaked_dtype": float(torch.get_default_dtype() == torch.float64),
@@ -118,6 +120,12 @@ def test_a_trial_that_leaks_crashes_or_kills_harms_no_later_trial(
     assert trials[3].state == pb.TRIAL_STATE_FAILED
     first, last = trials[0].metrics, trials[4].metrics
     assert first["preloaded"] == last["preloaded"] == 1.0  # forked warm, not started cold
+    # accelerate imports DeepSpeed in every trial where it is installed: the host has it
+    # already where torch has no GPU backend it could probe before forking (this machine).
+    import torch
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert first["deepspeed_preloaded"] == 1.0
     assert last["host_pid"] != first["host_pid"]
     assert last["host_pid"] != os.getpid()
     # Nothing of trial 0's mess reached trial 4: not its environment, globals, torch

@@ -48,6 +48,7 @@ __all__ = [
     "greedy_completions",
     "load_model",
     "resolve_model_path",
+    "served",
     "trainer_quality",
 ]
 
@@ -135,6 +136,15 @@ def greedy_completions(
     finally:
         model.train(was_training)
     return completions
+
+
+def served(model: Any) -> Any:
+    """The model as it is served and as the next stage loads it: a LoRA adapter merged
+    into its base (in place), anything else as it is. Final quality and decode latency
+    are measured on this form; the adapter itself is saved before the merge."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    return model
 
 
 def trainer_quality(trainer: Any, metric_map: dict[str, str]) -> dict[str, float | None]:
@@ -304,12 +314,13 @@ class Trial(Generic[S]):
         net = whole_model(trainer)  # every rank takes part when ZeRO-3 shards the weights
         if not trainer.is_world_process_zero():
             return TrialResult("complete", metrics=final, rungs=callback.rungs)
+        if self.runner.save_model:
+            self._save(net, tokenizer)
+        net = served(net)
         if quality is not None:
             final.update({k: v for k, v in quality(net).items() if v is not None})
         seen = float(trainer.state.num_input_tokens_seen)
         final["tokens_per_second"] = seen / train_seconds if train_seconds > 0 else 0.0
-        if self.runner.save_model:
-            self._save(net, tokenizer)
         return TrialResult(
             "complete",
             metrics=self._measured(net, tokenizer, final),
@@ -330,7 +341,7 @@ class Trial(Generic[S]):
             final["perplexity"] = min(math.exp(min(final["eval_loss"], 50.0)), MAX_MAGNITUDE)
         if process_rank() != 0:
             return TrialResult("complete", metrics=final)
-        return TrialResult("complete", metrics=self._measured(net, tokenizer, final))
+        return TrialResult("complete", metrics=self._measured(served(net), tokenizer, final))
 
     def _measured(self, net: Any, tokenizer: Any, final: dict[str, float]) -> dict[str, float]:
         """``final`` with decode latency, peak memory, cost, the seed and the data's record."""
