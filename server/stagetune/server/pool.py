@@ -141,7 +141,6 @@ class SuggestionPool:
         process: bool = False,
     ) -> None:
         self._store = store
-        self.size = size
         self._wait_seconds = wait_seconds
         self._settings = _EngineSettings(make_sampler, size, idle_seconds, history)
         self._process = process
@@ -167,6 +166,11 @@ class SuggestionPool:
             # interpreter): its engine process is ended on the way out, and is not to be
             # started again.
             atexit.register(self._leaving)
+
+    @property
+    def size(self) -> int:
+        """How many suggestions the engine keeps ready per study."""
+        return self._settings.size
 
     # ------------------------------------------------------------ called by the policy
 
