@@ -94,7 +94,9 @@ def _with(table: Table, c: Candidate) -> Table:
     start = fidelity.min_steps
     if c.grace:
         start = int(round(start * fidelity.reduction_factor))
-    fidelity = replace(fidelity, min_reports=wait, min_steps=start, brackets=c.brackets)
+    fidelity = replace(fidelity, min_reports=wait, min_steps=start)
+    # At most one bracket a rung (what validation allows): dpo's config has two rungs.
+    fidelity = replace(fidelity, brackets=min(c.brackets, len(fidelity.rungs())))
     return replace(table, spec=replace(table.spec, fidelity=fidelity))
 
 
