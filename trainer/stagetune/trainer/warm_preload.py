@@ -51,13 +51,12 @@ for _module, _names in {
 # accelerate imports whenever it is installed (``extract_model_from_parallel``). DeepSpeed
 # probes the accelerator on import: it is preloaded only where torch was built without a
 # GPU backend, so nothing in the host can have touched CUDA before it forks.
-_conversions = getattr(
-    importlib.import_module("transformers.conversion_mapping"),
-    "get_checkpoint_conversion_mapping",
-    None,
-)
-if _conversions is not None:  # an internal of transformers: skipped where it is gone
-    _conversions("llama")
+try:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+except ImportError:  # an internal of transformers: skipped where it is gone
+    pass
+else:
+    get_checkpoint_conversion_mapping("llama")
 if torch.version.cuda is None and torch.version.hip is None:
     with contextlib.suppress(ImportError):
         import deepspeed  # noqa: F401
