@@ -615,6 +615,7 @@ def summarise(
             u: TARGET_SHARE * float(np.median(curves[stage, "nsga2", u][:, -1])) for u in UNITS
         }
         reach: dict[tuple[str, str], float] = {}
+        medians: dict[str, dict[str, float]] = {"final HV": {}, "expected final HV": {}}
         for method in METHODS:
             runs = traces[stage, method]
             cells = []
@@ -625,20 +626,14 @@ def summarise(
                 cells.append(f"{_pct(reach[method, u])} ({hits}/{len(fracs)} seeds)")
             final = [c[-1] for c in curves[stage, method, "device-s"]]
             expected = [t.expected_hv for t in runs]
+            medians["final HV"][method] = float(np.median(final))
+            medians["expected final HV"][method] = float(np.median(expected))
             lines.append(
                 f"| {method} | {_iqr(final)} | {_iqr(expected)} | "
                 f"{statistics.median(t.trials for t in runs):.0f} | "
                 f"{statistics.median(t.stopped for t in runs):.0f} | " + " | ".join(cells) + " |"
             )
         lines.append("")
-        medians = {
-            "final HV": {
-                m: float(np.median([c[-1] for c in curves[stage, m, "device-s"]])) for m in METHODS
-            },
-            "expected final HV": {
-                m: float(np.median([t.expected_hv for t in traces[stage, m]])) for m in METHODS
-            },
-        }
         for kind, score in medians.items():
             ours, theirs = score["stagetune"], score["motpe"]
             verdicts.append(
